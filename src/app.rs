@@ -1,0 +1,249 @@
+//! Build, then run. `build` reads keys, binds both listeners and creates clients (so every
+//! failure that config alone cannot predict shows before anything is served); `run` serves until
+//! shutdown and drains within a bound.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_config::timeout::TimeoutConfig;
+use aws_sdk_sts::config::Region;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin;
+use crate::broker::{Broker, Standalone};
+use crate::clock::SystemClock;
+use crate::config::Config;
+use crate::credentials::{Cache, StsSource};
+use crate::http_server::Limits;
+use crate::imds::{self, TokenKey, Upstream};
+use crate::metrics::Metrics;
+use crate::pods::{self, StaticPods};
+use crate::policy::BaseRoleArn;
+
+/// How long iamlet waits on the node's IMDS for proxied paths and start-up autodetection.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot listen on {addr} ({key}): {source}")]
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("imds.token_key_file: {0}")]
+    TokenKey(#[from] imds::token_key::KeyError),
+    #[error("imds.upstream: {0}")]
+    Upstream(String),
+    #[error(
+        "aws.base_role_arn is empty and could not be derived from the node's IMDS: {0}; set aws.base_role_arn"
+    )]
+    BaseRoleArn(String),
+    #[error("aws.region: no region is configured and the default chain found none")]
+    NoRegion,
+    #[error("pods.source = \"kubernetes\" is not available in this build yet; use \"static\"")]
+    KubernetesSource,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("the {task} server stopped unexpectedly: {detail}")]
+    TaskExited { task: &'static str, detail: String },
+}
+
+type StandaloneBroker = Standalone<StaticPods, StsSource, SystemClock>;
+
+pub struct App {
+    imds_listener: TcpListener,
+    admin_listener: TcpListener,
+    state: Arc<imds::State<StandaloneBroker>>,
+    metrics: Metrics,
+    limits: Limits,
+}
+
+impl App {
+    pub async fn build(config: Config) -> Result<App, BuildError> {
+        // Several tests build apps in one process; only the first install counts.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        if config.pods.source == pods::Source::Kubernetes {
+            return Err(BuildError::KubernetesSource);
+        }
+        let imds_listener = bind("imds.listen", config.imds.listen).await?;
+        let admin_listener = bind("admin.listen", config.admin.listen).await?;
+        let tokens = TokenKey::load_or_create(&config.imds.token_key_file)?;
+        let upstream = Upstream::new(
+            &config.imds.upstream,
+            &config.imds.proxy_allow,
+            UPSTREAM_TIMEOUT,
+        )
+        .map_err(|err| BuildError::Upstream(err.to_string()))?;
+        let base_role_arn = base_role_arn(&config, &upstream).await?;
+        tracing::info!(
+            base_role_arn = base_role_arn.as_str(),
+            "role names resolve under this base"
+        );
+
+        let metrics = Metrics::default();
+        let sts = sts_client(&config).await?;
+        let source = StsSource::new(sts, config.credentials.session_duration, metrics.clone());
+        let cache = Cache::new(source, SystemClock, config.credentials.refresh_before);
+        let pods = StaticPods::new(&config.pods.static_pods);
+        tracing::info!(
+            pods = config.pods.static_pods.len(),
+            "serving the static pod table"
+        );
+        let broker = Standalone::new(
+            pods,
+            base_role_arn,
+            config.credentials.session_name.clone(),
+            cache,
+        );
+        let state = Arc::new(imds::State {
+            broker,
+            tokens,
+            token_policy: config.imds.tokens,
+            upstream,
+            metrics: metrics.clone(),
+            request_timeout: config.imds.request_timeout,
+        });
+        Ok(App {
+            imds_listener,
+            admin_listener,
+            state,
+            metrics,
+            limits: Limits {
+                max_connections: config.imds.max_connections,
+                idle_timeout: config.imds.idle_timeout,
+                shutdown_grace: config.imds.shutdown_grace,
+            },
+        })
+    }
+
+    /// The bound pod-facing address (useful when configured with port 0).
+    pub fn imds_addr(&self) -> SocketAddr {
+        local_addr(&self.imds_listener)
+    }
+
+    /// The bound admin address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        local_addr(&self.admin_listener)
+    }
+
+    /// Serves until `shutdown` completes or a server dies, then drains within the grace period.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let (exited, mut exits) = mpsc::channel::<(&'static str, String)>(2);
+
+        let state = self.state.clone();
+        let readiness: admin::Readiness = Arc::new(move || {
+            (!state.broker.ready()).then(|| "the pod source has not synced".to_owned())
+        });
+        let servers = [
+            (
+                "imds",
+                tokio::spawn(imds::serve(
+                    self.imds_listener,
+                    self.state.clone(),
+                    self.limits,
+                    cancel.clone(),
+                )),
+            ),
+            (
+                "admin",
+                tokio::spawn(admin::serve(
+                    self.admin_listener,
+                    readiness,
+                    self.metrics.clone(),
+                    self.limits,
+                    cancel.clone(),
+                )),
+            ),
+        ];
+        for (task, handle) in servers {
+            let exited = exited.clone();
+            tracker.spawn(async move {
+                let detail = match handle.await {
+                    Ok(Ok(())) => "it returned".to_owned(),
+                    Ok(Err(err)) => err.to_string(),
+                    Err(err) => err.to_string(),
+                };
+                let _ = exited.send((task, detail)).await;
+            });
+        }
+        tracker.close();
+        tracing::info!("iamlet is serving");
+
+        let result = tokio::select! {
+            () = shutdown => Ok(()),
+            Some((task, detail)) = exits.recv() => Err(RunError::TaskExited { task, detail }),
+        };
+        tracing::info!("shutting down: draining in-flight requests");
+        cancel.cancel();
+        let bound = self.limits.shutdown_grace + Duration::from_secs(1);
+        if tokio::time::timeout(bound, tracker.wait()).await.is_err() {
+            tracing::warn!("servers did not stop within {bound:?}");
+        }
+        tracing::info!("stopped");
+        result
+    }
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, BuildError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| BuildError::Bind { key, addr, source })?;
+    tracing::info!(%key, addr = %local_addr(&listener), "listening");
+    Ok(listener)
+}
+
+fn local_addr(listener: &TcpListener) -> SocketAddr {
+    listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+async fn base_role_arn(config: &Config, upstream: &Upstream) -> Result<BaseRoleArn, BuildError> {
+    if !config.aws.base_role_arn.is_empty() {
+        // Validated with the config.
+        return BaseRoleArn::parse(&config.aws.base_role_arn)
+            .map_err(|err| BuildError::BaseRoleArn(err.to_string()));
+    }
+    let profile = upstream
+        .instance_profile_arn()
+        .await
+        .map_err(|err| BuildError::BaseRoleArn(err.to_string()))?;
+    BaseRoleArn::from_instance_profile(&profile)
+        .map_err(|err| BuildError::BaseRoleArn(err.to_string()))
+}
+
+async fn sts_client(config: &Config) -> Result<aws_sdk_sts::Client, BuildError> {
+    use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
+    let http_client = aws_smithy_http_client::Builder::new()
+        .tls_provider(Provider::Rustls(CryptoMode::Ring))
+        .build_https();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http_client);
+    if !config.aws.region.is_empty() {
+        loader = loader.region(Region::new(config.aws.region.clone()));
+    }
+    let shared = loader.load().await;
+    if shared.region().is_none() {
+        return Err(BuildError::NoRegion);
+    }
+    let timeouts = TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .operation_attempt_timeout(Duration::from_secs(5))
+        .operation_timeout(Duration::from_secs(15))
+        .build();
+    let mut sts = aws_sdk_sts::config::Builder::from(&shared).timeout_config(timeouts);
+    if !config.aws.sts_endpoint.is_empty() {
+        sts = sts.endpoint_url(&config.aws.sts_endpoint);
+    }
+    Ok(aws_sdk_sts::Client::from_conf(sts.build()))
+}

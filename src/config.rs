@@ -1,0 +1,491 @@
+//! The whole configuration tree. Layers, later ones winning: defaults < TOML file (`--config`)
+//! < `IAMLET_*` environment variables (`__` between levels: `IAMLET_IMDS__LISTEN`) < CLI flags.
+//! Each module owns its section; [`Config::validate`] names the key at fault.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::{Dict, Value};
+use serde::{Deserialize, Serialize};
+
+use crate::{admin, credentials, imds, pods, policy, telemetry};
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub imds: imds::Config,
+    pub admin: admin::Config,
+    pub aws: AwsConfig,
+    pub pods: pods::Config,
+    pub credentials: credentials::Config,
+    pub iptables: IptablesConfig,
+    pub kiam: KiamConfig,
+    pub log: telemetry::Config,
+}
+
+/// The `[aws]` section: how iamlet reaches STS with its own credentials.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AwsConfig {
+    /// Region for STS; empty = the default chain (`AWS_REGION`, profile, the node's IMDS).
+    pub region: String,
+    /// STS endpoint URL; empty = the AWS default for the region.
+    pub sts_endpoint: String,
+    /// `arn:<partition>:iam::<account>:role/`, prefixed to role names that are not full ARNs;
+    /// empty = derived at start-up from the node's IMDS `iam/info`.
+    pub base_role_arn: String,
+}
+
+/// The `[iptables]` section (interception; not in this build yet).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IptablesConfig {
+    pub enabled: bool,
+    pub host_interface: String,
+}
+
+impl Default for IptablesConfig {
+    fn default() -> Self {
+        IptablesConfig {
+            enabled: false,
+            host_interface: "cali+".to_owned(),
+        }
+    }
+}
+
+/// The `[kiam]` section (server-backed mode; not in this build yet).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KiamConfig {
+    pub server: String,
+    pub cert: String,
+    pub key: String,
+    pub ca: String,
+}
+
+/// A configuration error, naming the key at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, message: impl fmt::Display) -> ConfigError {
+        ConfigError {
+            key: key.into(),
+            message: message.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Settings given as CLI flags, as (dotted key, value) pairs: the last layer.
+pub type Overrides = Vec<(&'static str, Value)>;
+
+impl Config {
+    /// Loads the layers from `file` (if any), the process environment and `overrides`, then
+    /// validates. Touches nothing but the file.
+    pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Config, ConfigError> {
+        Self::load_with_env(file, overrides, std::env::vars())
+    }
+
+    /// As [`Config::load`], with the environment given (for tests).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        overrides: Overrides,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            std::fs::metadata(file).map_err(|err| {
+                ConfigError::new(
+                    "",
+                    format!("cannot read config file {}: {err}", file.display()),
+                )
+            })?;
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        let env = env
+            .into_iter()
+            .filter_map(|(name, value)| {
+                let key = name
+                    .strip_prefix(ENV_PREFIX)?
+                    .to_lowercase()
+                    .replace("__", ".");
+                // Parsed like figment's own `Env`: numbers and booleans as such, else text.
+                let value = value.parse().unwrap_or_else(|_| value.into());
+                Some((key, value))
+            })
+            .collect();
+        figment = figment.merge(Layer::new("IAMLET_* environment variables", env));
+        let flags = overrides
+            .into_iter()
+            .map(|(key, value)| (key.to_owned(), value))
+            .collect();
+        figment = figment.merge(Layer::new("command-line flags", flags));
+        let mut config: Config = figment.extract().map_err(from_figment)?;
+        if config.pods.node_name.is_empty() {
+            config.pods.node_name = env_node_name().unwrap_or_default();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot, naming the key at fault.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_imds()?;
+        if self.admin.listen == self.imds.listen {
+            return Err(ConfigError::new(
+                "admin.listen",
+                "must differ from imds.listen: pods must never reach the admin endpoints",
+            ));
+        }
+        if !self.aws.base_role_arn.is_empty() {
+            policy::BaseRoleArn::parse(&self.aws.base_role_arn)
+                .map_err(|err| ConfigError::new("aws.base_role_arn", err))?;
+        }
+        if !self.aws.sts_endpoint.is_empty() {
+            let ok = self
+                .aws
+                .sts_endpoint
+                .parse::<hyper::Uri>()
+                .is_ok_and(|uri| {
+                    matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some()
+                });
+            if !ok {
+                return Err(ConfigError::new(
+                    "aws.sts_endpoint",
+                    format!("{:?} is not an http(s) URL", self.aws.sts_endpoint),
+                ));
+            }
+        }
+        self.validate_pods()?;
+        self.validate_credentials()?;
+        telemetry::filter(&self.log.level).map_err(|err| ConfigError::new("log.level", err))?;
+        if self.iptables.enabled {
+            return Err(ConfigError::new(
+                "iptables.enabled",
+                "interception by iptables is not available in this build yet",
+            ));
+        }
+        if !self.kiam.server.is_empty() {
+            return Err(ConfigError::new(
+                "kiam.server",
+                "server-backed mode is not available in this build yet",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_imds(&self) -> Result<(), ConfigError> {
+        let imds = &self.imds;
+        imds::compile_allow_list(&imds.proxy_allow).map_err(|err| {
+            // The error text names the entry (imds.proxy_allow[i]).
+            ConfigError::new("", err)
+        })?;
+        imds::Upstream::new(&imds.upstream, &[], Duration::from_secs(1))
+            .map_err(|err| ConfigError::new("imds.upstream", err))?;
+        positive("imds.request_timeout", imds.request_timeout)?;
+        positive("imds.idle_timeout", imds.idle_timeout)?;
+        if imds.max_connections == 0 {
+            return Err(ConfigError::new(
+                "imds.max_connections",
+                "must be at least 1",
+            ));
+        }
+        if imds.token_key_file.as_os_str().is_empty() {
+            return Err(ConfigError::new("imds.token_key_file", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    fn validate_pods(&self) -> Result<(), ConfigError> {
+        if self.pods.source != pods::Source::Static {
+            return Ok(());
+        }
+        let check_base = policy::BaseRoleArn::parse("arn:aws:iam::000000000000:role/")
+            .map_err(|err| ConfigError::new("", err))?;
+        let mut seen = HashMap::new();
+        for (i, pod) in self.pods.static_pods.iter().enumerate() {
+            let key = |field: &str| format!("pods.static[{i}].{field}");
+            if pod.namespace.trim().is_empty() {
+                return Err(ConfigError::new(key("namespace"), "must not be empty"));
+            }
+            if pod.name.trim().is_empty() {
+                return Err(ConfigError::new(key("name"), "must not be empty"));
+            }
+            if let Some(role) = &pod.role {
+                policy::RoleArn::resolve(role, &check_base)
+                    .map_err(|err| ConfigError::new(key("role"), err))?;
+            }
+            if let Some(first) = seen.insert(pod.ip.to_canonical(), i) {
+                return Err(ConfigError::new(
+                    key("ip"),
+                    format!("{} is already the address of pods.static[{first}]", pod.ip),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_credentials(&self) -> Result<(), ConfigError> {
+        let credentials = &self.credentials;
+        let sts_min = Duration::from_secs(15 * 60);
+        let sts_max = Duration::from_secs(12 * 3600);
+        if !(sts_min..=sts_max).contains(&credentials.session_duration) {
+            return Err(ConfigError::new(
+                "credentials.session_duration",
+                "must be from 15m to 12h (STS's range)",
+            ));
+        }
+        if credentials.refresh_before >= credentials.session_duration {
+            return Err(ConfigError::new(
+                "credentials.refresh_before",
+                "must be shorter than credentials.session_duration",
+            ));
+        }
+        policy::check_session_template(&credentials.session_name)
+            .map_err(|err| ConfigError::new("credentials.session_name", err))
+    }
+}
+
+const ENV_PREFIX: &str = "IAMLET_";
+
+/// A layer of (dotted key, value) settings with a name that errors can point to.
+struct Layer {
+    name: &'static str,
+    settings: Vec<(String, Value)>,
+}
+
+impl Layer {
+    fn new(name: &'static str, settings: Vec<(String, Value)>) -> Layer {
+        Layer { name, settings }
+    }
+}
+
+impl figment::Provider for Layer {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named(self.name)
+    }
+
+    fn data(&self) -> Result<figment::value::Map<figment::Profile, Dict>, figment::Error> {
+        let mut root = Dict::new();
+        for (key, value) in &self.settings {
+            insert_dotted(&mut root, key, value.clone());
+        }
+        Ok(figment::Profile::Default.collect(root))
+    }
+}
+
+/// Inserts `value` at a dotted `key` ("imds.listen"), creating the tables on the way.
+fn insert_dotted(dict: &mut Dict, key: &str, value: Value) {
+    match key.split_once('.') {
+        None => {
+            dict.insert(key.to_owned(), value);
+        }
+        Some((head, rest)) => {
+            let entry = dict
+                .entry(head.to_owned())
+                .or_insert_with(|| Value::from(Dict::new()));
+            if !matches!(entry, Value::Dict(..)) {
+                *entry = Value::from(Dict::new());
+            }
+            if let Value::Dict(_, inner) = entry {
+                insert_dotted(inner, rest, value);
+            }
+        }
+    }
+}
+
+fn env_node_name() -> Option<String> {
+    std::env::var("NODE_NAME")
+        .ok()
+        .filter(|name| !name.is_empty())
+}
+
+fn positive(key: &str, value: Duration) -> Result<(), ConfigError> {
+    if value.is_zero() {
+        Err(ConfigError::new(key, "must be longer than zero"))
+    } else {
+        Ok(())
+    }
+}
+
+/// Figment's errors, reduced to the first one, with its key and where the value came from.
+fn from_figment(err: figment::Error) -> ConfigError {
+    let source = err
+        .metadata
+        .as_ref()
+        .map(|meta| match &meta.source {
+            Some(source) => format!(" (from {} {source})", meta.name),
+            None => format!(" (from {})", meta.name),
+        })
+        .unwrap_or_default();
+    let key = if err.path.is_empty() {
+        String::new()
+    } else {
+        err.path.join(".")
+    };
+    ConfigError::new(key, format!("{}{source}", err.kind))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn repo_file(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(name)
+    }
+
+    fn load(toml: &str, env: &[(&str, &str)], overrides: Overrides) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("iamlet.toml");
+        std::fs::write(&path, toml).expect("write");
+        let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
+        Config::load_with_env(Some(&path), overrides, env)
+    }
+
+    #[test]
+    fn annotated_file_is_exactly_the_defaults() {
+        let path = repo_file("config/iamlet.toml");
+        let documented = Config::load_with_env(Some(&path), Vec::new(), []).expect("valid");
+        let mut defaults = Config::default();
+        defaults.pods.node_name = documented.pods.node_name.clone();
+        assert_eq!(documented, defaults);
+    }
+
+    #[test]
+    fn local_profile_is_valid() {
+        let config = Config::load_with_env(Some(&repo_file("config/local.toml")), Vec::new(), [])
+            .expect("valid");
+        assert_eq!(config.pods.source, pods::Source::Static);
+        assert_eq!(config.pods.static_pods.len(), 3);
+    }
+
+    #[test]
+    fn layers_win_in_order() {
+        let toml = "[imds]\ntokens = \"optional\"\nlisten = \"127.0.0.1:7000\"\n";
+        let config = load(toml, &[], Vec::new()).expect("valid");
+        assert_eq!(config.imds.listen.port(), 7000);
+
+        let env = [
+            ("IAMLET_IMDS__TOKENS", "required"),
+            ("IAMLET_IMDS__LISTEN", "127.0.0.1:7001"),
+        ];
+        let config = load(toml, &env, Vec::new()).expect("valid");
+        assert_eq!(config.imds.tokens, imds::TokenPolicy::Required);
+        assert_eq!(config.imds.listen.port(), 7001);
+
+        let flags: Overrides = vec![("imds.listen", "127.0.0.1:7002".into())];
+        let config = load(toml, &env, flags).expect("valid");
+        assert_eq!(config.imds.listen.port(), 7002);
+        assert_eq!(config.imds.tokens, imds::TokenPolicy::Required);
+    }
+
+    #[test]
+    fn environment_durations_and_numbers_parse() {
+        let env = [
+            ("IAMLET_CREDENTIALS__SESSION_DURATION", "2h"),
+            ("IAMLET_IMDS__MAX_CONNECTIONS", "10"),
+        ];
+        let config = load("", &env, Vec::new()).expect("valid");
+        assert_eq!(
+            config.credentials.session_duration,
+            Duration::from_secs(7200)
+        );
+        assert_eq!(config.imds.max_connections, 10);
+    }
+
+    fn key_of(result: Result<Config, ConfigError>) -> String {
+        result.expect_err("invalid").key
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: &[(&str, &str)] = &[
+            ("[imds]\ntokens = \"sometimes\"", "imds.tokens"),
+            ("[imds]\nlisten = \"nowhere\"", "imds.listen"),
+            ("[imds]\nlistne = \"127.0.0.1:1\"", "imds.listne"),
+            ("[imds]\nupstream = \"ftp://x\"", "imds.upstream"),
+            ("[imds]\nrequest_timeout = \"soon\"", "imds.request_timeout"),
+            ("[admin]\nlisten = \"127.0.0.1:8181\"", "admin.listen"),
+            (
+                "[aws]\nbase_role_arn = \"arn:aws:iam::1:role\"",
+                "aws.base_role_arn",
+            ),
+            ("[aws]\nsts_endpoint = \"localhost\"", "aws.sts_endpoint"),
+            (
+                "[credentials]\nsession_duration = \"5m\"",
+                "credentials.session_duration",
+            ),
+            (
+                "[credentials]\nrefresh_before = \"2h\"",
+                "credentials.refresh_before",
+            ),
+            (
+                "[credentials]\nsession_name = \"{node}\"",
+                "credentials.session_name",
+            ),
+            ("[log]\nformat = \"xml\"", "log.format"),
+            ("[kiam]\nserver = \"kiam:443\"", "kiam.server"),
+        ];
+        for (toml, key) in cases {
+            assert_eq!(&key_of(load(toml, &[], Vec::new())), key, "{toml}");
+        }
+        let env = [("IAMLET_IMDS__TOKENS", "sometimes")];
+        assert_eq!(key_of(load("", &env, Vec::new())), "imds.tokens");
+    }
+
+    #[test]
+    fn bad_allow_list_entry_is_named() {
+        let err = load("[imds]\nproxy_allow = [\"ok\", \"(\"]", &[], Vec::new()).expect_err("bad");
+        assert!(err.to_string().contains("imds.proxy_allow[1]"), "{err}");
+    }
+
+    #[test]
+    fn static_table_errors_name_the_entry() {
+        let pods = |entries: &str| format!("[pods]\nsource = \"static\"\n{entries}");
+        let dup = "[[pods.static]]\nip = \"10.0.0.1\"\nnamespace = \"a\"\nname = \"x\"\n\
+                   [[pods.static]]\nip = \"10.0.0.1\"\nnamespace = \"a\"\nname = \"y\"\n";
+        assert_eq!(
+            key_of(load(&pods(dup), &[], Vec::new())),
+            "pods.static[1].ip"
+        );
+        let bad_role =
+            "[[pods.static]]\nip = \"10.0.0.1\"\nnamespace = \"a\"\nname = \"x\"\nrole = \"a b\"\n";
+        assert_eq!(
+            key_of(load(&pods(bad_role), &[], Vec::new())),
+            "pods.static[0].role"
+        );
+        let no_name = "[[pods.static]]\nip = \"10.0.0.1\"\nnamespace = \"a\"\nname = \"\"\n";
+        assert_eq!(
+            key_of(load(&pods(no_name), &[], Vec::new())),
+            "pods.static[0].name"
+        );
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let err =
+            Config::load_with_env(Some(Path::new("/nonexistent/iamlet.toml")), Vec::new(), [])
+                .expect_err("missing");
+        assert!(err.message.contains("/nonexistent/iamlet.toml"), "{err}");
+    }
+}

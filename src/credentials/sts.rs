@@ -1,0 +1,108 @@
+//! The STS `AssumeRole` source.
+
+use std::time::{Duration, SystemTime};
+
+use aws_sdk_sts::config::http::HttpResponse;
+use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_sts::operation::assume_role::AssumeRoleError;
+
+use super::{AssumeRoleRequest, CredentialSource, Credentials, Error};
+use crate::metrics::Metrics;
+use crate::policy::RoleArn;
+
+/// Calls STS `AssumeRole` with iamlet's own AWS credentials.
+#[derive(Clone)]
+pub struct StsSource {
+    client: aws_sdk_sts::Client,
+    session_duration: Duration,
+    metrics: Metrics,
+}
+
+impl StsSource {
+    pub fn new(client: aws_sdk_sts::Client, session_duration: Duration, metrics: Metrics) -> Self {
+        StsSource {
+            client,
+            session_duration,
+            metrics,
+        }
+    }
+}
+
+impl CredentialSource for StsSource {
+    async fn assume_role(&self, request: &AssumeRoleRequest) -> Result<Credentials, Error> {
+        let started = std::time::Instant::now();
+        let duration_secs = i32::try_from(self.session_duration.as_secs()).unwrap_or(i32::MAX);
+        let result = self
+            .client
+            .assume_role()
+            .role_arn(request.role_arn.as_str())
+            .role_session_name(request.session_name.as_str())
+            .set_external_id(request.external_id.clone())
+            .duration_seconds(duration_secs)
+            .send()
+            .await;
+        let outcome = match result {
+            Ok(output) => output
+                .credentials
+                .map(|c| Credentials {
+                    access_key_id: c.access_key_id,
+                    secret_access_key: c.secret_access_key,
+                    session_token: c.session_token,
+                    expiration: SystemTime::try_from(c.expiration)
+                        .unwrap_or(SystemTime::UNIX_EPOCH),
+                    last_updated: SystemTime::now(),
+                })
+                .ok_or_else(|| Error::Unavailable {
+                    role_arn: request.role_arn.clone(),
+                    message: "STS answered without credentials".to_owned(),
+                }),
+            Err(err) => Err(classify(&request.role_arn, err)),
+        };
+        self.metrics
+            .observe_sts_call(started.elapsed(), outcome.as_ref().err());
+        outcome
+    }
+}
+
+/// Throttling codes that STS answers with a 4xx status but that are worth retrying.
+const THROTTLING_CODES: &[&str] = &[
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+];
+
+fn classify(role_arn: &RoleArn, err: SdkError<AssumeRoleError, HttpResponse>) -> Error {
+    let role_arn = role_arn.clone();
+    match &err {
+        SdkError::ServiceError(service) => {
+            let code = service.err().code().unwrap_or("Unknown");
+            let message = format!(
+                "{code}: {}",
+                service.err().message().unwrap_or("no message")
+            );
+            let status = service.raw().status().as_u16();
+            if status >= 500 || status == 429 || THROTTLING_CODES.contains(&code) {
+                Error::Unavailable { role_arn, message }
+            } else {
+                Error::Refused { role_arn, message }
+            }
+        }
+        _ => Error::Unavailable {
+            role_arn,
+            message: error_chain(&err),
+        },
+    }
+}
+
+/// The error and its sources on one line: SDK errors say little at the top level.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

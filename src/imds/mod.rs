@@ -1,0 +1,112 @@
+//! The pod-facing server: what pods take for the EC2 instance metadata service.
+//!
+//! Routes (everything under `/latest`):
+//!
+//! | method | path | answer |
+//! |---|---|---|
+//! | PUT | `/api/token` | an IMDSv2 session token, bound to the client IP; the TTL header echoed |
+//! | GET | `/meta-data/iam/` | `info` and `security-credentials/`, for a pod with a role |
+//! | GET | `/meta-data/iam/security-credentials/` (or without `/`) | the pod's role name |
+//! | GET | `/meta-data/iam/security-credentials/<name>` | the pod's credentials, if `<name>` is its role |
+//! | GET | `/meta-data/iam/info` | the pod's role as an instance profile |
+//! | GET | anything else | proxied to the node's IMDS if the allow-list admits it, else 404 |
+//!
+//! With `tokens = "required"` every GET needs a valid token; an invalid token is refused in
+//! either mode.
+
+mod document;
+mod proxy;
+mod routes;
+pub mod token_key {
+    pub use super::token::KeyError;
+}
+mod token;
+
+pub use proxy::{DEFAULT_ALLOW, Upstream, compile_allow_list};
+pub use token::TokenKey;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Broker;
+use crate::http_server::{self, Limits};
+use crate::metrics::Metrics;
+
+/// The `[imds]` section.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Pod-facing address; the iptables rule sends pods' 169.254.169.254:80 here.
+    pub listen: std::net::SocketAddr,
+    pub tokens: TokenPolicy,
+    /// Where the token signing key is kept, so tokens survive restarts.
+    pub token_key_file: PathBuf,
+    /// The node's real IMDS.
+    pub upstream: String,
+    /// Regexes (anchored at both ends) of paths proxied to the node's IMDS.
+    pub proxy_allow: Vec<String>,
+    /// Longest time spent on one request.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Longest wait for a request's headers, and for the next request on an idle connection.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// How long shutdown waits for in-flight requests.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: ([127, 0, 0, 1], 8181).into(),
+            tokens: TokenPolicy::Optional,
+            token_key_file: PathBuf::from("/var/lib/iamlet/imds-token.key"),
+            upstream: "http://169.254.169.254".to_owned(),
+            proxy_allow: DEFAULT_ALLOW.iter().map(|p| (*p).to_owned()).collect(),
+            request_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenPolicy {
+    /// IMDSv1 GETs without a token are answered.
+    Optional,
+    /// Every GET needs a valid token (IMDSv2 only).
+    Required,
+}
+
+/// Everything a request handler needs.
+pub struct State<B> {
+    pub broker: B,
+    pub tokens: TokenKey,
+    pub token_policy: TokenPolicy,
+    pub upstream: Upstream,
+    pub metrics: Metrics,
+    pub request_timeout: Duration,
+}
+
+/// Serves pods on `listener` until `cancel` fires.
+pub async fn serve<B: Broker>(
+    listener: TcpListener,
+    state: Arc<State<B>>,
+    limits: Limits,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    http_server::serve(listener, limits, cancel, move |remote, request| {
+        routes::handle(state.clone(), remote, request)
+    })
+    .await
+}

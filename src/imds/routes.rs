@@ -1,0 +1,332 @@
+//! The pod-facing request handler. Every answer a pod can get is decided here, and broker
+//! errors become HTTP answers in exactly one function, [`broker_error`].
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::{HeaderMap, Method, Request, Response, StatusCode};
+
+use super::{State, TokenPolicy, document, token};
+use crate::broker::{self, Broker};
+use crate::credentials;
+
+const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+const TOKEN_TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+const FORWARDED_FOR: &str = "x-forwarded-for";
+
+const CREDENTIALS_PREFIX: &str = "/latest/meta-data/iam/security-credentials";
+
+/// What a request asks for; also its `route` label in logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route<'a> {
+    Token,
+    Iam,
+    RoleName,
+    Credentials(&'a str),
+    Info,
+    Upstream(&'a str),
+}
+
+impl<'a> Route<'a> {
+    fn of(path: &'a str) -> Route<'a> {
+        match path {
+            "/latest/api/token" => Route::Token,
+            "/latest/meta-data/iam" | "/latest/meta-data/iam/" => Route::Iam,
+            "/latest/meta-data/iam/info" | "/latest/meta-data/iam/info/" => Route::Info,
+            _ => match path.strip_prefix(CREDENTIALS_PREFIX) {
+                Some("" | "/") => Route::RoleName,
+                Some(rest) => match rest.strip_prefix('/') {
+                    Some(name) => Route::Credentials(name.strip_suffix('/').unwrap_or(name)),
+                    None => Route::Upstream(path),
+                },
+                None => Route::Upstream(path),
+            },
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Route::Token => "token",
+            Route::Iam => "iam",
+            Route::RoleName => "role",
+            Route::Credentials(_) => "credentials",
+            Route::Info => "info",
+            Route::Upstream(_) => "upstream",
+        }
+    }
+}
+
+/// An answer, and the pod it was for (for the request log line).
+struct Outcome {
+    response: Response<Full<Bytes>>,
+    pod: Option<String>,
+}
+
+impl Outcome {
+    fn text(status: StatusCode, body: impl Into<Bytes>) -> Outcome {
+        let mut response = Response::new(Full::new(body.into()));
+        *response.status_mut() = status;
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        Outcome {
+            response,
+            pod: None,
+        }
+    }
+
+    fn for_pod(mut self, pod: impl Into<String>) -> Outcome {
+        self.pod = Some(pod.into());
+        self
+    }
+}
+
+/// Entry point for one request from `remote`.
+pub async fn handle<B: Broker>(
+    state: Arc<State<B>>,
+    remote: SocketAddr,
+    request: Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
+    let started = Instant::now();
+    let ip = remote.ip().to_canonical();
+    let path = request.uri().path();
+    let route = Route::of(path);
+    let outcome = match tokio::time::timeout(
+        state.request_timeout,
+        dispatch(&state, ip, route, request.method(), request.headers()),
+    )
+    .await
+    {
+        Ok(outcome) => outcome,
+        Err(_) => Outcome::text(StatusCode::GATEWAY_TIMEOUT, "iamlet: request timed out\n"),
+    };
+    let status = outcome.response.status().as_u16();
+    let elapsed = started.elapsed();
+    state
+        .metrics
+        .observe_request(route.label(), status, elapsed);
+    tracing::debug!(
+        client = %ip,
+        pod = outcome.pod.as_deref().unwrap_or("-"),
+        route = route.label(),
+        method = %request.method(),
+        path,
+        status,
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        "imds request"
+    );
+    outcome.response
+}
+
+async fn dispatch<B: Broker>(
+    state: &State<B>,
+    ip: IpAddr,
+    route: Route<'_>,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Outcome {
+    if route == Route::Token {
+        return if method == Method::PUT {
+            issue_token(state, ip, headers)
+        } else {
+            method_not_allowed("PUT")
+        };
+    }
+    if method != Method::GET && method != Method::HEAD {
+        return method_not_allowed("GET, HEAD");
+    }
+    if let Err(reason) = check_token(state, ip, headers) {
+        return Outcome::text(StatusCode::UNAUTHORIZED, reason);
+    }
+    match route {
+        Route::Token => unreachable!("answered above"),
+        Route::Iam => match state.broker.role(ip).await {
+            Ok(role) => {
+                Outcome::text(StatusCode::OK, "info\nsecurity-credentials/").for_pod(role.pod.key())
+            }
+            Err(err) => broker_error(err),
+        },
+        Route::RoleName => match state.broker.role(ip).await {
+            // Exactly the name: aws-sdk-rust fails on a trailing newline.
+            Ok(role) => Outcome::text(StatusCode::OK, role.role_arn.name().to_owned())
+                .for_pod(role.pod.key()),
+            Err(err) => broker_error(err),
+        },
+        Route::Info => match state.broker.role(ip).await {
+            Ok(role) => Outcome::text(
+                StatusCode::OK,
+                document::info(&role.role_arn, SystemTime::now()),
+            )
+            .for_pod(role.pod.key()),
+            Err(err) => broker_error(err),
+        },
+        Route::Credentials(name) => match state.broker.credentials(ip, name).await {
+            Ok((role, credentials)) => {
+                Outcome::text(StatusCode::OK, document::credentials(&credentials))
+                    .for_pod(role.pod.key())
+            }
+            Err(err) => broker_error(err),
+        },
+        Route::Upstream(path) => proxy(state, path).await,
+    }
+}
+
+fn issue_token<B>(state: &State<B>, ip: IpAddr, headers: &HeaderMap) -> Outcome {
+    // EC2 refuses token requests that passed through a proxy, so tokens never leave the host.
+    if headers.contains_key(FORWARDED_FOR) {
+        return Outcome::text(
+            StatusCode::FORBIDDEN,
+            "iamlet: token requests carrying X-Forwarded-For are refused\n",
+        );
+    }
+    let ttl = headers
+        .get(TOKEN_TTL_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().parse::<u64>().ok())
+        .filter(|ttl| token::TTL_RANGE.contains(ttl));
+    let Some(ttl) = ttl else {
+        return Outcome::text(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "iamlet: {TOKEN_TTL_HEADER} must be a whole number of seconds from {} to {}\n",
+                token::TTL_RANGE.start(),
+                token::TTL_RANGE.end()
+            ),
+        );
+    };
+    let minted = state
+        .tokens
+        .mint(ip, Duration::from_secs(ttl), SystemTime::now());
+    let mut outcome = Outcome::text(StatusCode::OK, minted);
+    // aws-sdk-rust refuses a token whose answer does not repeat the TTL.
+    outcome
+        .response
+        .headers_mut()
+        .insert(TOKEN_TTL_HEADER, HeaderValue::from(ttl));
+    outcome
+}
+
+/// Whether the request may proceed; the reason for a 401 when not.
+fn check_token<B>(state: &State<B>, ip: IpAddr, headers: &HeaderMap) -> Result<(), &'static str> {
+    match headers.get(TOKEN_HEADER) {
+        Some(value) => {
+            let valid = value
+                .to_str()
+                .is_ok_and(|token| state.tokens.verify(token, ip, SystemTime::now()));
+            if valid {
+                Ok(())
+            } else {
+                Err("iamlet: the session token is invalid or expired\n")
+            }
+        }
+        None if state.token_policy == TokenPolicy::Required => {
+            Err("iamlet: a session token is required (PUT /latest/api/token)\n")
+        }
+        None => Ok(()),
+    }
+}
+
+async fn proxy<B>(state: &State<B>, path: &str) -> Outcome {
+    if !state.upstream.admits(path) {
+        return Outcome::text(
+            StatusCode::NOT_FOUND,
+            format!("iamlet: {path} is not served to pods\n"),
+        );
+    }
+    match state.upstream.get(path).await {
+        Ok((status, body)) => Outcome::text(status, body),
+        Err(err) => {
+            tracing::warn!(error = %err, "the node's IMDS failed a proxied request");
+            Outcome::text(
+                StatusCode::BAD_GATEWAY,
+                "iamlet: the node's metadata service did not answer\n",
+            )
+        }
+    }
+}
+
+fn method_not_allowed(allow: &'static str) -> Outcome {
+    let mut outcome = Outcome::text(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "iamlet: method not allowed\n",
+    );
+    outcome
+        .response
+        .headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    outcome
+}
+
+/// The one place where broker errors become answers, and where the ones an operator acts on
+/// are logged above `debug`.
+fn broker_error(err: broker::Error) -> Outcome {
+    use broker::Error;
+    match err {
+        Error::UnknownPod(_) => Outcome::text(
+            StatusCode::NOT_FOUND,
+            "iamlet: no pod is known at this address\n",
+        ),
+        Error::NoRole { pod } => {
+            Outcome::text(StatusCode::NOT_FOUND, "iamlet: this pod has no IAM role\n").for_pod(pod)
+        }
+        Error::BadRole { ref pod, .. } => {
+            tracing::warn!(error = %err, "role annotation refused");
+            Outcome::text(
+                StatusCode::NOT_FOUND,
+                "iamlet: this pod's role annotation is not a valid role\n",
+            )
+            .for_pod(pod.clone())
+        }
+        Error::WrongRole { ref pod, .. } => {
+            tracing::info!(error = %err, "credentials for another role refused");
+            Outcome::text(StatusCode::NOT_FOUND, "iamlet: not this pod's role\n")
+                .for_pod(pod.clone())
+        }
+        Error::Credentials(ref source @ credentials::Error::Refused { ref message, .. }) => {
+            tracing::warn!(error = %source, "STS refused AssumeRole");
+            Outcome::text(
+                StatusCode::OK,
+                document::unauthorized(message, SystemTime::now()),
+            )
+        }
+        Error::Credentials(ref source @ credentials::Error::Unavailable { .. }) => {
+            tracing::warn!(error = %source, "no credentials: STS unavailable");
+            Outcome::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "iamlet: credentials are temporarily unavailable\n",
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_are_recognised_with_and_without_trailing_slash() {
+        assert_eq!(Route::of("/latest/api/token"), Route::Token);
+        assert_eq!(Route::of(CREDENTIALS_PREFIX), Route::RoleName);
+        assert_eq!(
+            Route::of(&format!("{CREDENTIALS_PREFIX}/")),
+            Route::RoleName
+        );
+        assert_eq!(
+            Route::of(&format!("{CREDENTIALS_PREFIX}/web")),
+            Route::Credentials("web")
+        );
+        assert_eq!(
+            Route::of(&format!("{CREDENTIALS_PREFIX}/web/")),
+            Route::Credentials("web")
+        );
+        assert_eq!(Route::of("/latest/meta-data/iam/info"), Route::Info);
+        assert_eq!(
+            Route::of("/latest/meta-data/iam/security-credentialsX"),
+            Route::Upstream("/latest/meta-data/iam/security-credentialsX")
+        );
+    }
+}

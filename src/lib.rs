@@ -1,0 +1,33 @@
+//! iamlet gives each Kubernetes pod the AWS credentials of the IAM role named on the pod, and
+//! nothing else. It runs once per node and impersonates the EC2 instance metadata service
+//! (IMDS): an iptables rule sends pods' traffic for 169.254.169.254:80 to iamlet, which knows
+//! the pod by its source IP.
+//!
+//! A credential request flows through:
+//!
+//! 1. [`imds`]: the pod-facing HTTP server (tokens, routes, the upstream proxy);
+//! 2. [`broker`]: the one seam behind it: "which role has the pod at this IP?" and
+//!    "credentials for this IP and role";
+//! 3. [`pods`]: the pod behind an IP (static table; the Kubernetes watch comes next);
+//! 4. [`policy`]: annotation → role ARN, session name;
+//! 5. [`credentials`]: the cache in front of STS `AssumeRole`.
+//!
+//! Around them: [`config`] (the whole config tree), [`app`] (build, then run), [`admin`] and
+//! [`metrics`] (the admin port), [`telemetry`] (logs), [`http_server`] (the serving loop both
+//! listeners share), [`clock`] (injected time).
+
+pub mod admin;
+pub mod app;
+pub mod broker;
+pub mod clock;
+pub mod config;
+pub mod credentials;
+pub mod http_server;
+pub mod imds;
+pub mod metrics;
+pub mod pods;
+pub mod policy;
+pub mod telemetry;
+
+pub use app::App;
+pub use config::Config;

@@ -1,0 +1,129 @@
+//! Prometheus metrics, served as text on the admin port.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::credentials;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StsErrorLabels {
+    kind: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+struct Inner {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: HistogramFamily<RouteLabels>,
+    sts_calls: Counter,
+    sts_errors: Family<StsErrorLabels, Counter>,
+    sts_duration: Histogram,
+}
+
+/// Cheap to clone; every clone records into the same registry.
+#[derive(Clone)]
+pub struct Metrics(Arc<Inner>);
+
+fn latency_histogram() -> Histogram {
+    // 0.25 ms to ~8 s.
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("iamlet");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "imds_requests",
+            "Pod-facing IMDS requests by route and HTTP status",
+            requests.clone(),
+        );
+        let request_duration: HistogramFamily<RouteLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "imds_request_duration_seconds",
+            "Time to answer a pod-facing IMDS request, by route",
+            request_duration.clone(),
+        );
+        let sts_calls = Counter::default();
+        registry.register(
+            "sts_assume_role_calls",
+            "AssumeRole calls made to STS",
+            sts_calls.clone(),
+        );
+        let sts_errors = Family::<StsErrorLabels, Counter>::default();
+        registry.register(
+            "sts_assume_role_errors",
+            "Failed AssumeRole calls, by kind (refused, unavailable)",
+            sts_errors.clone(),
+        );
+        let sts_duration = latency_histogram();
+        registry.register(
+            "sts_assume_role_duration_seconds",
+            "Time taken by STS AssumeRole calls",
+            sts_duration.clone(),
+        );
+        Metrics(Arc::new(Inner {
+            registry,
+            requests,
+            request_duration,
+            sts_calls,
+            sts_errors,
+            sts_duration,
+        }))
+    }
+}
+
+impl Metrics {
+    pub fn observe_request(&self, route: &'static str, status: u16, elapsed: Duration) {
+        self.0
+            .requests
+            .get_or_create(&RequestLabels { route, status })
+            .inc();
+        self.0
+            .request_duration
+            .get_or_create(&RouteLabels { route })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn observe_sts_call(&self, elapsed: Duration, error: Option<&credentials::Error>) {
+        self.0.sts_calls.inc();
+        self.0.sts_duration.observe(elapsed.as_secs_f64());
+        if let Some(error) = error {
+            let kind = match error {
+                credentials::Error::Refused { .. } => "refused",
+                credentials::Error::Unavailable { .. } => "unavailable",
+            };
+            self.0
+                .sts_errors
+                .get_or_create(&StsErrorLabels { kind })
+                .inc();
+        }
+    }
+
+    /// The registry in Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.0.registry);
+        text
+    }
+}

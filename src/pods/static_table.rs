@@ -1,0 +1,50 @@
+//! The static pod table, for running without a cluster (local runs, tests, single hosts).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use super::{Annotations, Pod, PodLookup, StaticPod};
+
+#[derive(Debug, Default)]
+pub struct StaticPods {
+    by_ip: HashMap<IpAddr, Arc<Pod>>,
+}
+
+impl StaticPods {
+    /// Builds the table; entries were validated with the configuration (unique IPs).
+    pub fn new(entries: &[StaticPod]) -> StaticPods {
+        let by_ip = entries
+            .iter()
+            .map(|entry| {
+                let pod = Pod {
+                    namespace: entry.namespace.clone(),
+                    name: entry.name.clone(),
+                    service_account: entry.service_account.clone(),
+                    annotations: Annotations {
+                        role: entry.role.clone(),
+                        external_id: entry.external_id.clone(),
+                        session_name: entry.session_name.clone(),
+                    },
+                };
+                (entry.ip.to_canonical(), Arc::new(pod))
+            })
+            .collect();
+        StaticPods { by_ip }
+    }
+
+    /// Every pod in the table.
+    pub fn pods(&self) -> impl Iterator<Item = &Arc<Pod>> {
+        self.by_ip.values()
+    }
+}
+
+impl PodLookup for StaticPods {
+    async fn lookup(&self, ip: IpAddr) -> Option<Arc<Pod>> {
+        self.by_ip.get(&ip.to_canonical()).cloned()
+    }
+
+    fn ready(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,68 @@
+//! Logging: tracing to stderr, as text or JSON.
+
+use serde::{Deserialize, Serialize};
+use tracing_subscriber::EnvFilter;
+
+/// The `[log]` section.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `error`, `warn`, `info` or `debug` (one line per request), or full tracing directives.
+    pub level: String,
+    pub format: Format,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            level: "info".to_owned(),
+            format: Format::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// Dependencies that would otherwise log whole requests at `debug`; they speak only of trouble.
+const QUIET_DEPENDENCIES: &[&str] = &[
+    "aws_config",
+    "aws_smithy_runtime",
+    "aws_smithy_runtime_api",
+    "aws_smithy_http_client",
+    "aws_sdk_sts",
+    "aws_runtime",
+    "hyper",
+    "hyper_util",
+    "rustls",
+    "h2",
+];
+
+/// The filter for a configured level: the level for iamlet, `warn` for chatty dependencies.
+pub fn filter(level: &str) -> Result<EnvFilter, String> {
+    let mut directives = level.to_owned();
+    if !level.contains('=') {
+        for dependency in QUIET_DEPENDENCIES {
+            directives.push_str(&format!(",{dependency}=warn"));
+        }
+    }
+    EnvFilter::try_new(&directives).map_err(|err| err.to_string())
+}
+
+/// Installs the global subscriber. Call once, from `main`.
+pub fn init(config: &Config) -> Result<(), String> {
+    let filter = filter(&config.level)?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let installed = match config.format {
+        Format::Text => builder.try_init(),
+        Format::Json => builder.json().flatten_event(true).try_init(),
+    };
+    installed.map_err(|err| err.to_string())
+}
