@@ -150,7 +150,8 @@ impl Config {
     /// Checks what types alone cannot, naming the key at fault.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_imds()?;
-        if self.admin.listen == self.imds.listen {
+        // Port 0 asks the kernel for a free port: two of them never collide.
+        if self.admin.listen == self.imds.listen && self.imds.listen.port() != 0 {
             return Err(ConfigError::new(
                 "admin.listen",
                 "must differ from imds.listen: pods must never reach the admin endpoints",

@@ -1,0 +1,223 @@
+//! The real iamlet binary, started with a config file written for the test. It logs JSON at
+//! `debug` to a file, which is where the test learns its bound addresses.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// One `[[pods.static]]` entry.
+#[derive(Debug, Clone)]
+pub struct StaticPod {
+    pub ip: String,
+    pub namespace: String,
+    pub name: String,
+    pub role: Option<String>,
+    pub service_account: Option<String>,
+}
+
+pub fn pod(ip: &str, namespace: &str, name: &str, role: Option<&str>) -> StaticPod {
+    StaticPod {
+        ip: ip.to_owned(),
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        role: role.map(str::to_owned),
+        service_account: None,
+    }
+}
+
+/// What a test changes in iamlet's configuration.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub imds_listen: String,
+    pub tokens: String,
+    pub sts: String,
+    pub upstream: String,
+    /// Extra lines for the `[imds]` section.
+    pub imds_extra: String,
+    /// Extra sections, appended as they are.
+    pub extra: String,
+    pub pods: Vec<StaticPod>,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            imds_listen: "127.0.0.1:0".to_owned(),
+            tokens: "optional".to_owned(),
+            sts: String::new(),
+            upstream: "http://127.0.0.1:9".to_owned(),
+            imds_extra: String::new(),
+            extra: String::new(),
+            pods: Vec::new(),
+        }
+    }
+}
+
+impl Setup {
+    pub fn toml(&self, key_file: &Path) -> String {
+        let mut toml = format!(
+            "[imds]\nlisten = \"{}\"\ntokens = \"{}\"\ntoken_key_file = \"{}\"\nupstream = \"{}\"\n{}\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\n\
+             [aws]\nregion = \"us-east-1\"\nsts_endpoint = \"{}\"\nbase_role_arn = \"arn:aws:iam::123456789012:role/\"\n\n\
+             [pods]\nsource = \"static\"\n\n{}\n",
+            self.imds_listen,
+            self.tokens,
+            key_file.display(),
+            self.upstream,
+            self.imds_extra,
+            self.sts,
+            self.extra,
+        );
+        for pod in &self.pods {
+            let _ = write!(
+                toml,
+                "[[pods.static]]\nip = \"{}\"\nnamespace = \"{}\"\nname = \"{}\"\n",
+                pod.ip, pod.namespace, pod.name
+            );
+            if let Some(role) = &pod.role {
+                let _ = writeln!(toml, "role = \"{role}\"");
+            }
+            if let Some(sa) = &pod.service_account {
+                let _ = writeln!(toml, "service_account = \"{sa}\"");
+            }
+            toml.push('\n');
+        }
+        toml
+    }
+}
+
+pub struct Iamlet {
+    pub imds: SocketAddr,
+    pub admin: SocketAddr,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Iamlet {
+    /// Starts iamlet with `setup`, its config, key and log kept in `dir`.
+    pub fn start(dir: &Path, setup: &Setup) -> Iamlet {
+        let config = dir.join("iamlet.toml");
+        std::fs::write(&config, setup.toml(&dir.join("imds-token.key"))).expect("write config");
+        Self::start_with(&config, &dir.join("iamlet.log"), &[])
+    }
+
+    /// Starts iamlet with a config file and extra arguments, logging to `log`.
+    pub fn start_with(config: &Path, log: &Path, args: &[&str]) -> Iamlet {
+        let log_file = std::fs::File::create(log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_iamlet"))
+            .args(["agent", "--config"])
+            .arg(config)
+            .args(["--log-format", "json", "--log-level", "debug"])
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            // iamlet's own AWS credentials: moto accepts any.
+            .env("AWS_ACCESS_KEY_ID", "AKIDNODEOWN")
+            .env("AWS_SECRET_ACCESS_KEY", "node-own-secret")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("start iamlet");
+        let mut iamlet = Iamlet {
+            imds: ([0, 0, 0, 0], 0).into(),
+            admin: ([0, 0, 0, 0], 0).into(),
+            child: Some(child),
+            log: log.to_owned(),
+        };
+        iamlet.wait_until_serving();
+        iamlet
+    }
+
+    fn wait_until_serving(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let log = self.log();
+            if log.contains("iamlet is serving") {
+                for line in log.lines() {
+                    let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else {
+                        continue;
+                    };
+                    let addr = event["addr"].as_str().and_then(|a| a.parse().ok());
+                    match (event["key"].as_str(), addr) {
+                        (Some("imds.listen"), Some(addr)) => self.imds = addr,
+                        (Some("admin.listen"), Some(addr)) => self.admin = addr,
+                        _ => {}
+                    }
+                }
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("iamlet exited with {status} before serving:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("iamlet did not start serving within 30 s:\n{}", self.log());
+    }
+
+    /// Everything iamlet logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The IMDS address as a pod on another host would dial it.
+    pub fn imds_port(&self) -> u16 {
+        self.imds.port()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child
+            .as_ref()
+            .map(|c| c.id() as i32)
+            .unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit (at most 20 s).
+    pub fn stop(&mut self) -> ExitStatus {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        let mut child = self.child.take().expect("running");
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "iamlet did not exit within 20 s of SIGTERM:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The value of a metric line (`name{labels}`) on the admin port, 0 if absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let reply = super::http::get(self.admin.ip(), self.admin, "/metrics", None).await;
+        assert_eq!(reply.status, 200);
+        reply
+            .body
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Iamlet {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

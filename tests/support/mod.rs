@@ -1,0 +1,55 @@
+//! Harness for the integration tests: real peers (moto for STS, the iamlet binary, SDK
+//! clients) and small in-process servers where no real peer exists (a fake node IMDS, an STS
+//! front that counts calls and refuses chosen roles).
+#![allow(dead_code)] // Each test binary uses a different part of the harness.
+
+pub mod http;
+pub mod iamlet;
+pub mod moto;
+pub mod netns;
+pub mod server;
+pub mod sts_front;
+pub mod upstream;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A TCP port that was free a moment ago, for a process that must be told its port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Waits until something accepts connections at `addr`.
+pub fn wait_for_port(addr: SocketAddr, within: Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// A peer program from `.ci/setup`'s venv, else from PATH.
+pub fn peer_program(name: &str) -> PathBuf {
+    let venv = repo().join(".peers/venv/bin").join(name);
+    if venv.exists() {
+        return venv;
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.exists());
+    on_path.unwrap_or_else(|| panic!("{name} not found: run `bash .ci/setup` first"))
+}

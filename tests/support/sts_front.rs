@@ -1,0 +1,140 @@
+//! A front for moto's STS that counts AssumeRole calls per role and plays the parts moto
+//! cannot: it refuses roles whose ARN contains `denied` (403 AccessDenied, as STS answers) and
+//! answers roles containing `slow` only after a delay. Everything else is passed to moto as is.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use super::server;
+
+/// How long a `slow` role's AssumeRole is held back.
+pub const SLOW: Duration = Duration::from_millis(1500);
+
+#[derive(Clone)]
+pub struct StsFront {
+    pub addr: SocketAddr,
+    calls: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl StsFront {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// AssumeRole calls seen for roles whose ARN ends with `/{role}`.
+    pub fn assume_role_calls(&self, role: &str) -> usize {
+        let calls = self.calls.lock().expect("calls");
+        calls
+            .iter()
+            .filter(|(arn, _)| arn.ends_with(&format!("/{role}")))
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+/// Starts a front for `moto` listening on `bind`.
+pub fn start(bind: SocketAddr, moto: SocketAddr) -> StsFront {
+    let calls: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let counted = calls.clone();
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let addr = server::spawn(bind, move |request: Request<hyper::body::Incoming>| {
+        let calls = counted.clone();
+        let client = client.clone();
+        async move {
+            let (mut parts, body) = request.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let form: HashMap<String, String> = url_decode_form(&body);
+            if form.get("Action").map(String::as_str) == Some("AssumeRole") {
+                let arn = form.get("RoleArn").cloned().unwrap_or_default();
+                *calls.lock().expect("calls").entry(arn.clone()).or_default() += 1;
+                if arn.contains("denied") {
+                    return access_denied(&arn);
+                }
+                if arn.contains("slow") {
+                    tokio::time::sleep(SLOW).await;
+                }
+            }
+            let uri = format!(
+                "http://{moto}{}",
+                parts
+                    .uri
+                    .path_and_query()
+                    .map(|p| p.as_str())
+                    .unwrap_or("/")
+            );
+            parts.uri = uri.parse().expect("uri");
+            let forwarded = Request::from_parts(parts, Full::new(body));
+            match client.request(forwarded).await {
+                Ok(response) => {
+                    let (parts, body) = response.into_parts();
+                    let body = body
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    Response::from_parts(parts, Full::new(body))
+                }
+                Err(err) => server::reply(502, "text/plain", format!("moto: {err}")),
+            }
+        }
+    });
+    StsFront { addr, calls }
+}
+
+fn access_denied(arn: &str) -> Response<Full<Bytes>> {
+    let body = format!(
+        "<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\
+         <Error><Type>Sender</Type><Code>AccessDenied</Code>\
+         <Message>User: arn:aws:iam::123456789012:user/node is not authorized to perform: \
+         sts:AssumeRole on resource: {arn}</Message></Error>\
+         <RequestId>c6104cbe-af31-11e0-8154-cbc7ccf896c7</RequestId></ErrorResponse>"
+    );
+    server::reply(403, "text/xml", body)
+}
+
+/// `application/x-www-form-urlencoded` → map (the AWS query protocol STS speaks).
+fn url_decode_form(body: &[u8]) -> HashMap<String, String> {
+    String::from_utf8_lossy(body)
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (decode(k), decode(v)))
+        .collect()
+}
+
+fn decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
