@@ -23,7 +23,10 @@ fn text(bytes: &[u8]) -> String {
 fn version_is_printed() {
     let out = iamlet(&["--version"]);
     assert!(out.status.success());
-    assert_eq!(text(&out.stdout).trim(), format!("iamlet {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        format!("iamlet {}", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 #[test]
@@ -39,24 +42,38 @@ fn config_check_accepts_the_shipped_files() {
 fn config_check_names_the_bad_key() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("bad.toml");
-    std::fs::write(&path, "[credentials]\nsession_duration = \"1h\"\nrefresh_before = \"3h\"\n")
-        .expect("write");
+    std::fs::write(
+        &path,
+        "[credentials]\nsession_duration = \"1h\"\nrefresh_before = \"3h\"\n",
+    )
+    .expect("write");
     let out = iamlet(&["config", "check", path.to_str().expect("path")]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("credentials.refresh_before"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("credentials.refresh_before"),
+        "{}",
+        text(&out.stderr)
+    );
 
     std::fs::write(&path, "[imds]\ntokens = \"always\"\n").expect("write");
     let out = iamlet(&["config", "check", path.to_str().expect("path")]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("imds.tokens") && stderr.contains("always"), "{stderr}");
+    assert!(
+        stderr.contains("imds.tokens") && stderr.contains("always"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn agent_with_a_bad_flag_value_exits_2_naming_the_key() {
     let out = iamlet(&["agent", "--config", "/dev/null", "--log-format", "xml"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("log.format"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("log.format"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -73,7 +90,10 @@ fn agent_that_cannot_bind_says_which_address_and_key() {
     let out = iamlet(&["agent", "--config", config.to_str().expect("path")]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
-    assert!(stderr.contains(&format!("127.0.0.1:{port}")) && stderr.contains("imds.listen"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("127.0.0.1:{port}")) && stderr.contains("imds.listen"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -81,7 +101,11 @@ fn health_tells_by_its_exit_code() {
     let dir = tempfile::tempdir().expect("tempdir");
     let iamlet_process = Iamlet::start(dir.path(), &Setup::default());
     let config = dir.path().join("health.toml");
-    std::fs::write(&config, format!("[admin]\nlisten = \"{}\"\n", iamlet_process.admin)).expect("write");
+    std::fs::write(
+        &config,
+        format!("[admin]\nlisten = \"{}\"\n", iamlet_process.admin),
+    )
+    .expect("write");
     let config = config.to_str().expect("path");
     let out = iamlet(&["health", "--config", config]);
     assert!(out.status.success(), "{}", text(&out.stderr));

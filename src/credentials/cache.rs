@@ -48,6 +48,10 @@ impl<S: CredentialSource, C: Clock> Cache<S, C> {
 
     fn slot(&self, request: &AssumeRoleRequest) -> Slot {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        // Clone the key only when it is new: this runs on every credential request.
+        if let Some(slot) = slots.get(request) {
+            return slot.clone();
+        }
         slots.entry(request.clone()).or_default().clone()
     }
 }

@@ -39,6 +39,8 @@ pub struct Setup {
     /// Extra sections, appended as they are.
     pub extra: String,
     pub pods: Vec<StaticPod>,
+    /// `--log-level`: `debug` (one line per request) unless a test says otherwise.
+    pub log_level: String,
 }
 
 impl Default for Setup {
@@ -51,6 +53,7 @@ impl Default for Setup {
             imds_extra: String::new(),
             extra: String::new(),
             pods: Vec::new(),
+            log_level: "debug".to_owned(),
         }
     }
 }
@@ -100,16 +103,21 @@ impl Iamlet {
     pub fn start(dir: &Path, setup: &Setup) -> Iamlet {
         let config = dir.join("iamlet.toml");
         std::fs::write(&config, setup.toml(&dir.join("imds-token.key"))).expect("write config");
-        Self::start_with(&config, &dir.join("iamlet.log"), &[])
+        Self::start_with(
+            &config,
+            &dir.join("iamlet.log"),
+            &["--log-level", &setup.log_level],
+        )
     }
 
-    /// Starts iamlet with a config file and extra arguments, logging to `log`.
+    /// Starts iamlet with a config file and extra arguments (which must include
+    /// `--log-level`), logging JSON to `log`.
     pub fn start_with(config: &Path, log: &Path, args: &[&str]) -> Iamlet {
         let log_file = std::fs::File::create(log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_iamlet"))
             .args(["agent", "--config"])
             .arg(config)
-            .args(["--log-format", "json", "--log-level", "debug"])
+            .args(["--log-format", "json"])
             .args(args)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
