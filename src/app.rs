@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::credentials::{Cache, StsSource};
 use crate::http_server::Limits;
 use crate::imds::{self, TokenKey, Upstream};
+use crate::iptables::{self, Interception};
 use crate::metrics::Metrics;
 use crate::pods::{self, StaticPods};
 use crate::policy::BaseRoleArn;
@@ -49,6 +50,8 @@ pub enum BuildError {
     NoRegion,
     #[error("pods.source = \"kubernetes\" is not available in this build yet; use \"static\"")]
     KubernetesSource,
+    #[error("cannot install the interception rule: {0}")]
+    Iptables(#[from] iptables::Error),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +68,7 @@ pub struct App {
     state: Arc<imds::State<StandaloneBroker>>,
     metrics: Metrics,
     limits: Limits,
+    interception: Option<(Interception, iptables::Config)>,
 }
 
 impl App {
@@ -112,7 +116,24 @@ impl App {
             metrics: metrics.clone(),
             request_timeout: config.imds.request_timeout,
         });
+        // Only now, with the pod-facing listener bound and everything behind it ready, may pod
+        // traffic be sent here.
+        let interception = if config.iptables.enabled {
+            let rule =
+                Interception::new(&config.iptables.host_interface, local_addr(&imds_listener));
+            let ensured = rule.clone();
+            blocking(move || ensured.ensure()).await?;
+            tracing::info!(
+                host_interface = config.iptables.host_interface.as_str(),
+                target = %local_addr(&imds_listener),
+                "interception rule installed"
+            );
+            Some((rule, config.iptables.clone()))
+        } else {
+            None
+        };
         Ok(App {
+            interception,
             imds_listener,
             admin_listener,
             state,
@@ -177,6 +198,9 @@ impl App {
                 let _ = exited.send((task, detail)).await;
             });
         }
+        if let Some((rule, config)) = self.interception.clone() {
+            tracker.spawn(reconcile(rule, config.reconcile_interval, cancel.clone()));
+        }
         tracker.close();
         tracing::info!("iamlet is serving");
 
@@ -190,9 +214,47 @@ impl App {
         if tokio::time::timeout(bound, tracker.wait()).await.is_err() {
             tracing::warn!("servers did not stop within {bound:?}");
         }
+        match self.interception {
+            Some((_, config)) if config.remove_on_exit => match blocking(iptables::remove).await {
+                Ok(_) => tracing::info!("interception rule removed (iptables.remove_on_exit)"),
+                Err(err) => tracing::error!("{err}"),
+            },
+            Some(_) => tracing::info!(
+                "interception rule kept: pods get connection refused until iamlet is back"
+            ),
+            None => {}
+        }
         tracing::info!("stopped");
         result
     }
+}
+
+/// Re-applies the interception rule every `interval` until `cancel`, so a flushed or edited
+/// nat table heals.
+async fn reconcile(rule: Interception, interval: Duration, cancel: CancellationToken) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let rule = rule.clone();
+        match blocking(move || rule.ensure()).await {
+            Ok(true) => tracing::warn!("interception rule was missing or altered; restored"),
+            Ok(false) => {}
+            Err(err) => tracing::error!("{err}"),
+        }
+    }
+}
+
+/// Runs a blocking iptables call off the runtime.
+async fn blocking<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T, iptables::Error> + Send + 'static,
+) -> Result<T, iptables::Error> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .unwrap_or_else(|err| std::panic::resume_unwind(err.into_panic()))
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, BuildError> {

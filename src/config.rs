@@ -12,7 +12,7 @@ use figment::providers::{Format, Serialized, Toml};
 use figment::value::{Dict, Value};
 use serde::{Deserialize, Serialize};
 
-use crate::{admin, credentials, imds, pods, policy, telemetry};
+use crate::{admin, credentials, imds, iptables, pods, policy, telemetry};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -22,7 +22,7 @@ pub struct Config {
     pub aws: AwsConfig,
     pub pods: pods::Config,
     pub credentials: credentials::Config,
-    pub iptables: IptablesConfig,
+    pub iptables: iptables::Config,
     pub kiam: KiamConfig,
     pub log: telemetry::Config,
 }
@@ -38,23 +38,6 @@ pub struct AwsConfig {
     /// `arn:<partition>:iam::<account>:role/`, prefixed to role names that are not full ARNs;
     /// empty = derived at start-up from the node's IMDS `iam/info`.
     pub base_role_arn: String,
-}
-
-/// The `[iptables]` section (interception; not in this build yet).
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IptablesConfig {
-    pub enabled: bool,
-    pub host_interface: String,
-}
-
-impl Default for IptablesConfig {
-    fn default() -> Self {
-        IptablesConfig {
-            enabled: false,
-            host_interface: "cali+".to_owned(),
-        }
-    }
 }
 
 /// The `[kiam]` section (server-backed mode; not in this build yet).
@@ -179,12 +162,7 @@ impl Config {
         self.validate_pods()?;
         self.validate_credentials()?;
         telemetry::filter(&self.log.level).map_err(|err| ConfigError::new("log.level", err))?;
-        if self.iptables.enabled {
-            return Err(ConfigError::new(
-                "iptables.enabled",
-                "interception by iptables is not available in this build yet",
-            ));
-        }
+        self.validate_iptables()?;
         if !self.kiam.server.is_empty() {
             return Err(ConfigError::new(
                 "kiam.server",
@@ -212,6 +190,25 @@ impl Config {
         }
         if imds.token_key_file.as_os_str().is_empty() {
             return Err(ConfigError::new("imds.token_key_file", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    fn validate_iptables(&self) -> Result<(), ConfigError> {
+        let rules = &self.iptables;
+        iptables::check_host_interface(&rules.host_interface)
+            .map_err(|err| ConfigError::new("iptables.host_interface", err))?;
+        positive("iptables.reconcile_interval", rules.reconcile_interval)?;
+        let target = self.imds.listen.ip();
+        if rules.enabled && (target.is_unspecified() || target.is_loopback()) {
+            return Err(ConfigError::new(
+                "imds.listen",
+                format!(
+                    "{target} cannot be the DNAT target of the interception rule; with \
+                     iptables.enabled, listen on an address pods are routed to, such as the \
+                     node's IP (HOST_IP)"
+                ),
+            ));
         }
         Ok(())
     }
@@ -446,6 +443,11 @@ mod tests {
             ),
             ("[log]\nformat = \"xml\"", "log.format"),
             ("[kiam]\nserver = \"kiam:443\"", "kiam.server"),
+            (
+                "[iptables]\nhost_interface = \"eth0 eth1\"",
+                "iptables.host_interface",
+            ),
+            ("[iptables]\nenabled = true", "imds.listen"),
         ];
         for (toml, key) in cases {
             assert_eq!(&key_of(load(toml, &[], Vec::new())), key, "{toml}");

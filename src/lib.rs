@@ -12,6 +12,8 @@
 //! 4. [`policy`]: annotation → role ARN, session name;
 //! 5. [`credentials`]: the cache in front of STS `AssumeRole`.
 //!
+//! [`iptables`] installs and keeps the rule that sends pods to iamlet.
+//!
 //! Around them: [`config`] (the whole config tree), [`app`] (build, then run), [`admin`] and
 //! [`metrics`] (the admin port), [`telemetry`] (logs), [`http_server`] (the serving loop both
 //! listeners share), [`clock`] (injected time).
@@ -24,6 +26,7 @@ pub mod config;
 pub mod credentials;
 pub mod http_server;
 pub mod imds;
+pub mod iptables;
 pub mod metrics;
 pub mod pods;
 pub mod policy;

@@ -30,6 +30,11 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Manage the interception rule.
+    Iptables {
+        #[command(subcommand)]
+        action: IptablesAction,
+    },
     /// Probe a running iamlet's admin port; exit 0 when it answers 200.
     Health {
         #[arg(long, short)]
@@ -44,6 +49,16 @@ enum Command {
 enum ConfigAction {
     /// Validate a config file (with the IAMLET_* environment); exit 0 when valid.
     Check { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum IptablesAction {
+    /// Remove the interception rule and iamlet's chain (for an uninstall); exit 0 when gone.
+    Uninstall {
+        /// Accepted for symmetry with `agent`; the chain is found by name.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -104,6 +119,9 @@ fn main() -> ExitCode {
             }
         },
         Command::Health { config, ready } => health(config, ready),
+        Command::Iptables {
+            action: IptablesAction::Uninstall { config },
+        } => uninstall(config),
         Command::Agent(args) => agent(&args),
     }
 }
@@ -160,6 +178,27 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn uninstall(config: Option<PathBuf>) -> ExitCode {
+    if let Err(err) = Config::load(config.as_deref(), Vec::new()) {
+        eprintln!("iamlet iptables uninstall: configuration error: {err}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    match iamlet::iptables::remove() {
+        Ok(true) => {
+            println!("removed the {} chain and its jump", iamlet::iptables::CHAIN);
+            ExitCode::SUCCESS
+        }
+        Ok(false) => {
+            println!("nothing to remove: no {} chain", iamlet::iptables::CHAIN);
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("iamlet iptables uninstall: {err}");
+            ExitCode::FAILURE
+        }
     }
 }
 

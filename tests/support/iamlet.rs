@@ -41,6 +41,8 @@ pub struct Setup {
     pub pods: Vec<StaticPod>,
     /// `--log-level`: `debug` (one line per request) unless a test says otherwise.
     pub log_level: String,
+    /// The network namespace to run iamlet in (this machine's when `None`).
+    pub netns: Option<String>,
 }
 
 impl Default for Setup {
@@ -54,6 +56,7 @@ impl Default for Setup {
             extra: String::new(),
             pods: Vec::new(),
             log_level: "debug".to_owned(),
+            netns: None,
         }
     }
 }
@@ -103,7 +106,8 @@ impl Iamlet {
     pub fn start(dir: &Path, setup: &Setup) -> Iamlet {
         let config = dir.join("iamlet.toml");
         std::fs::write(&config, setup.toml(&dir.join("imds-token.key"))).expect("write config");
-        Self::start_with(
+        Self::start_in(
+            setup.netns.as_deref(),
             &config,
             &dir.join("iamlet.log"),
             &["--log-level", &setup.log_level],
@@ -113,8 +117,23 @@ impl Iamlet {
     /// Starts iamlet with a config file and extra arguments (which must include
     /// `--log-level`), logging JSON to `log`.
     pub fn start_with(config: &Path, log: &Path, args: &[&str]) -> Iamlet {
+        Self::start_in(None, config, log, args)
+    }
+
+    /// As [`Iamlet::start_with`], inside network namespace `netns` when given.
+    pub fn start_in(netns: Option<&str>, config: &Path, log: &Path, args: &[&str]) -> Iamlet {
         let log_file = std::fs::File::create(log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_iamlet"))
+        let binary = env!("CARGO_BIN_EXE_iamlet");
+        // `ip netns exec` execs the program, so the child's pid is iamlet's own.
+        let mut command = match netns {
+            Some(ns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", ns, binary]);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let child = command
             .args(["agent", "--config"])
             .arg(config)
             .args(["--log-format", "json"])

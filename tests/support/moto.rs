@@ -8,7 +8,6 @@ use std::time::Duration;
 
 pub struct Moto {
     pub addr: SocketAddr,
-    /// Host the pods should use (differs from `addr` for tests in network namespaces).
     _lifeline: Mutex<Child>,
 }
 
@@ -21,14 +20,19 @@ impl Moto {
 /// moto listening on every address of this host (so network-namespace pods reach it too).
 pub fn shared() -> &'static Moto {
     static MOTO: OnceLock<Moto> = OnceLock::new();
-    MOTO.get_or_init(|| start("0.0.0.0"))
+    MOTO.get_or_init(|| start(None))
 }
 
-fn start(host: &str) -> Moto {
+/// moto on every address of network namespace `netns` (this machine's when `None`). The
+/// returned address is the one to use from inside that namespace.
+pub fn start(netns: Option<&str>) -> Moto {
     let port = super::free_port();
     let program = super::peer_program("moto_server");
+    let exec = netns
+        .map(|ns| format!("ip netns exec {ns} "))
+        .unwrap_or_default();
     let script = format!(
-        "\"{}\" -H {host} -p {port} >/dev/null 2>&1 & moto=$!; cat >/dev/null; kill $moto",
+        "{exec}\"{}\" -H 0.0.0.0 -p {port} >/dev/null 2>&1 & moto=$!; cat >/dev/null; kill $moto",
         program.display()
     );
     let child = Command::new("bash")
@@ -38,10 +42,20 @@ fn start(host: &str) -> Moto {
         .spawn()
         .expect("start moto_server");
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    assert!(
-        super::wait_for_port(addr, Duration::from_secs(30)),
-        "moto_server did not start on {addr}"
-    );
+    let ready = match netns {
+        None => super::wait_for_port(addr, Duration::from_secs(30)),
+        Some(ns) => {
+            let path = format!("/run/netns/{ns}");
+            std::thread::spawn(move || {
+                let file = std::fs::File::open(&path).expect("open namespace");
+                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                super::wait_for_port(addr, Duration::from_secs(30))
+            })
+            .join()
+            .expect("wait thread")
+        }
+    };
+    assert!(ready, "moto_server did not start on {addr}");
     Moto {
         addr,
         _lifeline: Mutex::new(child),

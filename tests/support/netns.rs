@@ -36,13 +36,7 @@ macro_rules! require_netns {
     };
 }
 
-pub struct PodNet {
-    pub name: String,
-    host_if: String,
-    pub ip: Ipv4Addr,
-    pub host_ip: Ipv4Addr,
-}
-
+/// Runs `ip args`, asserting success.
 fn ip(args: &[&str]) -> Output {
     let output = Command::new("ip").args(args).output().expect("run ip");
     assert!(
@@ -54,45 +48,25 @@ fn ip(args: &[&str]) -> Output {
     output
 }
 
-impl PodNet {
-    /// A namespace with address 10.X.N.2/30, its host side 10.X.N.1, X from this process id.
-    pub fn create() -> PodNet {
-        static NEXT: AtomicU8 = AtomicU8::new(1);
+/// A network namespace of its own, with loopback up.
+pub struct Netns {
+    pub name: String,
+}
+
+static NEXT: AtomicU8 = AtomicU8::new(1);
+
+impl Netns {
+    pub fn create() -> Netns {
         remove_orphans();
-        let pid = std::process::id();
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let x = 100 + (pid % 100) as u8;
-        let name = format!("{PREFIX}{pid}n{n}");
-        let host_if = format!("{PREFIX}{}h{n}", pid % 100_000);
-        let pod_if = format!("{PREFIX}{}p{n}", pid % 100_000);
-        let host_ip = Ipv4Addr::new(10, x, n, 1);
-        let pod_ip = Ipv4Addr::new(10, x, n, 2);
+        let name = format!("{PREFIX}{}n{n}", std::process::id());
         ip(&["netns", "add", &name]);
-        let net = PodNet {
-            name: name.clone(),
-            host_if: host_if.clone(),
-            ip: pod_ip,
-            host_ip,
-        };
-        ip(&[
-            "link", "add", &host_if, "type", "veth", "peer", "name", &pod_if, "netns", &name,
-        ]);
-        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if]);
-        ip(&["link", "set", &host_if, "up"]);
-        let inside = |args: &[&str]| {
-            let mut full = vec!["netns", "exec", &name, "ip"];
-            full.extend_from_slice(args);
-            ip(&full);
-        };
-        inside(&["addr", "add", &format!("{pod_ip}/30"), "dev", &pod_if]);
-        inside(&["link", "set", &pod_if, "up"]);
-        inside(&["link", "set", "lo", "up"]);
-        inside(&["route", "add", "default", "via", &host_ip.to_string()]);
-        net
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        Netns { name }
     }
 
-    /// Runs `program args` inside the namespace with exactly `env` (plus PATH).
-    pub fn run(&self, program: &Path, args: &[&str], env: &[(&str, String)]) -> Output {
+    /// `program args` inside the namespace, with exactly `env` (plus PATH).
+    pub fn command(&self, program: &Path, args: &[&str], env: &[(&str, String)]) -> Command {
         let mut command = Command::new("ip");
         command
             .args(["netns", "exec", &self.name])
@@ -103,10 +77,16 @@ impl PodNet {
         for (name, value) in env {
             command.env(name, value);
         }
-        command.output().expect("run in namespace")
+        command
     }
 
-    /// Runs `f` on a thread that has entered the namespace: sockets it opens are the pod's.
+    pub fn run(&self, program: &Path, args: &[&str], env: &[(&str, String)]) -> Output {
+        self.command(program, args, env)
+            .output()
+            .expect("run in namespace")
+    }
+
+    /// Runs `f` on a thread that has entered the namespace: sockets it opens are inside.
     pub fn enter<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
         let path = format!("/run/netns/{}", self.name);
         std::thread::spawn(move || {
@@ -119,16 +99,88 @@ impl PodNet {
     }
 }
 
-impl Drop for PodNet {
+impl Drop for Netns {
     fn drop(&mut self) {
-        // Deleting one end of a veth pair deletes both; the namespace may otherwise linger
-        // (and its pair with it) while anything still holds a reference to it.
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_if])
-            .output();
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .output();
+    }
+}
+
+/// A pod: a namespace joined by a veth pair to its host (this machine, or a node namespace),
+/// with address 10.X.N.2/30, the host side 10.X.N.1 and the default route through it.
+pub struct PodNet {
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+    pub host_ip: Ipv4Addr,
+    host_if: String,
+    host_ns: Option<String>,
+}
+
+impl PodNet {
+    /// A pod whose host is this machine.
+    pub fn create() -> PodNet {
+        Self::link(None)
+    }
+
+    /// A pod whose host is `node`.
+    pub fn create_under(node: &Netns) -> PodNet {
+        Self::link(Some(node.name.clone()))
+    }
+
+    fn link(host_ns: Option<String>) -> PodNet {
+        let ns = Netns::create();
+        let pid = std::process::id();
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let x = 100 + (pid % 100) as u8;
+        let host_if = format!("{PREFIX}{}h{n}", pid % 100_000);
+        let pod_if = format!("{PREFIX}{}p{n}", pid % 100_000);
+        let host_ip = Ipv4Addr::new(10, x, n, 1);
+        let pod_ip = Ipv4Addr::new(10, x, n, 2);
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &pod_if, "netns", &ns.name,
+        ]);
+        let on_host: Vec<&str> = match &host_ns {
+            Some(node) => {
+                ip(&["link", "set", &host_if, "netns", node]);
+                vec!["-n", node]
+            }
+            None => vec![],
+        };
+        let host = |args: &[&str]| ip(&[on_host.as_slice(), args].concat());
+        host(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if]);
+        host(&["link", "set", &host_if, "up"]);
+        let pod = |args: &[&str]| ip(&[&["-n", ns.name.as_str()][..], args].concat());
+        pod(&["addr", "add", &format!("{pod_ip}/30"), "dev", &pod_if]);
+        pod(&["link", "set", &pod_if, "up"]);
+        pod(&["route", "add", "default", "via", &host_ip.to_string()]);
+        PodNet {
+            ns,
+            ip: pod_ip,
+            host_ip,
+            host_if,
+            host_ns,
+        }
+    }
+
+    pub fn run(&self, program: &Path, args: &[&str], env: &[(&str, String)]) -> Output {
+        self.ns.run(program, args, env)
+    }
+
+    pub fn enter<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
+        self.ns.enter(f)
+    }
+}
+
+impl Drop for PodNet {
+    fn drop(&mut self) {
+        // Deleting one end of a veth pair deletes both; a namespace (and its pair) may
+        // otherwise linger while anything still holds a reference to it.
+        let mut command = Command::new("ip");
+        if let Some(node) = &self.host_ns {
+            command.args(["-n", node]);
+        }
+        let _ = command.args(["link", "del", &self.host_if]).output();
     }
 }
 

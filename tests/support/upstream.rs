@@ -34,10 +34,16 @@ impl FakeImds {
     }
 }
 
+/// A fake node IMDS on a free loopback port.
 pub fn start() -> FakeImds {
+    start_at(([127, 0, 0, 1], 0).into())
+}
+
+/// A fake node IMDS on `bind` (in the calling thread's network namespace).
+pub fn start_at(bind: SocketAddr) -> FakeImds {
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let record = seen.clone();
-    let addr = server::spawn(([127, 0, 0, 1], 0).into(), move |request: Request<_>| {
+    let addr = server::spawn(bind, move |request: Request<_>| {
         let path = request.uri().path().to_owned();
         let method = request.method().to_string();
         record.lock().expect("seen").push(Seen {
