@@ -24,8 +24,9 @@ use crate::http_server::Limits;
 use crate::imds::{self, TokenKey, Upstream};
 use crate::iptables::{self, Interception};
 use crate::metrics::Metrics;
-use crate::pods::{self, StaticPods};
-use crate::policy::BaseRoleArn;
+use crate::pods::events::{DenialSender, Denied};
+use crate::pods::{self, KubernetesPods, PodIndex, PodSource, StaticPods};
+use crate::policy::{BaseRoleArn, Policy};
 
 /// How long iamlet waits on the node's IMDS for proxied paths and start-up autodetection.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
@@ -48,8 +49,12 @@ pub enum BuildError {
     BaseRoleArn(String),
     #[error("aws.region: no region is configured and the default chain found none")]
     NoRegion,
-    #[error("pods.source = \"kubernetes\" is not available in this build yet; use \"static\"")]
-    KubernetesSource,
+    #[error(
+        "pods.node_name is empty and NODE_NAME is not set: iamlet must know which node's pods to serve"
+    )]
+    NoNodeName,
+    #[error("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG): {0}")]
+    Kubernetes(String),
     #[error("cannot install the interception rule: {0}")]
     Iptables(#[from] iptables::Error),
 }
@@ -60,7 +65,15 @@ pub enum RunError {
     TaskExited { task: &'static str, detail: String },
 }
 
-type StandaloneBroker = Standalone<StaticPods, StsSource, SystemClock>;
+type StandaloneBroker = Standalone<PodSource, StsSource, SystemClock>;
+
+/// What the Kubernetes source runs beside the servers.
+struct KubernetesTasks {
+    client: kube::Client,
+    node: String,
+    index: Arc<PodIndex>,
+    denials: mpsc::Receiver<Denied>,
+}
 
 pub struct App {
     imds_listener: TcpListener,
@@ -69,15 +82,13 @@ pub struct App {
     metrics: Metrics,
     limits: Limits,
     interception: Option<(Interception, iptables::Config)>,
+    kubernetes: Option<KubernetesTasks>,
 }
 
 impl App {
     pub async fn build(config: Config) -> Result<App, BuildError> {
         // Several tests build apps in one process; only the first install counts.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        if config.pods.source == pods::Source::Kubernetes {
-            return Err(BuildError::KubernetesSource);
-        }
         let imds_listener = bind("imds.listen", config.imds.listen).await?;
         let admin_listener = bind("admin.listen", config.admin.listen).await?;
         let tokens = TokenKey::load_or_create(&config.imds.token_key_file)?;
@@ -97,17 +108,14 @@ impl App {
         let sts = sts_client(&config).await?;
         let source = StsSource::new(sts, config.credentials.session_duration, metrics.clone());
         let cache = Cache::new(source, SystemClock, config.credentials.refresh_before);
-        let pods = StaticPods::new(&config.pods.static_pods);
-        tracing::info!(
-            pods = config.pods.static_pods.len(),
-            "serving the static pod table"
-        );
-        let broker = Standalone::new(
-            pods,
+        let (pods, kubernetes, denials) = pod_source(&config).await?;
+        let policy = Policy {
             base_role_arn,
-            config.credentials.session_name.clone(),
-            cache,
-        );
+            default_role: Some(config.policy.default_role.clone()).filter(|r| !r.is_empty()),
+            allow_unannotated_namespaces: config.policy.allow_unannotated_namespaces,
+            session_name_template: config.credentials.session_name.clone(),
+        };
+        let broker = Standalone::new(pods, policy, cache, metrics.clone(), denials);
         let state = Arc::new(imds::State {
             broker,
             tokens,
@@ -133,6 +141,7 @@ impl App {
             None
         };
         Ok(App {
+            kubernetes,
             interception,
             imds_listener,
             admin_listener,
@@ -164,7 +173,8 @@ impl App {
 
         let state = self.state.clone();
         let readiness: admin::Readiness = Arc::new(move || {
-            (!state.broker.ready()).then(|| "the pod source has not synced".to_owned())
+            (!state.broker.ready())
+                .then(|| "the lists of pods and namespaces have not been received yet".to_owned())
         });
         let servers = [
             (
@@ -197,6 +207,20 @@ impl App {
                 };
                 let _ = exited.send((task, detail)).await;
             });
+        }
+        if let Some(kubernetes) = self.kubernetes {
+            tracker.spawn(pods::watch::run(
+                kubernetes.client.clone(),
+                kubernetes.node.clone(),
+                kubernetes.index,
+                cancel.clone(),
+            ));
+            tracker.spawn(pods::events::run(
+                kubernetes.client,
+                kubernetes.node,
+                kubernetes.denials,
+                cancel.clone(),
+            ));
         }
         if let Some((rule, config)) = self.interception.clone() {
             tracker.spawn(reconcile(rule, config.reconcile_interval, cancel.clone()));
@@ -255,6 +279,46 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(call)
         .await
         .unwrap_or_else(|err| std::panic::resume_unwind(err.into_panic()))
+}
+
+/// The configured pod source; for Kubernetes also what must run beside the servers, and the
+/// channel for denial Events.
+async fn pod_source(
+    config: &Config,
+) -> Result<(PodSource, Option<KubernetesTasks>, Option<DenialSender>), BuildError> {
+    match config.pods.source {
+        pods::Source::Static => {
+            tracing::info!(
+                pods = config.pods.static_pods.len(),
+                "serving the static pod table"
+            );
+            let pods = PodSource::Static(StaticPods::new(&config.pods.static_pods));
+            Ok((pods, None, None))
+        }
+        pods::Source::Kubernetes => {
+            if config.pods.node_name.trim().is_empty() {
+                return Err(BuildError::NoNodeName);
+            }
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|err| BuildError::Kubernetes(err.to_string()))?;
+            let node = config.pods.node_name.clone();
+            tracing::info!(node = node.as_str(), "watching this node's pods");
+            let index = Arc::new(PodIndex::default());
+            let pods = PodSource::Kubernetes(KubernetesPods {
+                index: index.clone(),
+                wait_for_pod: config.pods.wait_for_pod,
+            });
+            let (sender, denials) = mpsc::channel(256);
+            let tasks = KubernetesTasks {
+                client,
+                node,
+                index,
+                denials,
+            };
+            Ok((pods, Some(tasks), Some(sender)))
+        }
+    }
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, BuildError> {

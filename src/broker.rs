@@ -8,8 +8,10 @@ use std::sync::Arc;
 
 use crate::clock::Clock;
 use crate::credentials::{self, AssumeRoleRequest, Cache, CredentialSource, Credentials};
+use crate::metrics::Metrics;
+use crate::pods::events::{DenialSender, Denied};
 use crate::pods::{Pod, PodLookup};
-use crate::policy::{self, BaseRoleArn, RoleArn, SessionName};
+use crate::policy::{self, Policy, Refusal, RoleArn};
 
 /// A pod and the role it is entitled to.
 #[derive(Debug, Clone)]
@@ -28,6 +30,8 @@ pub enum Error {
     NoRole { pod: String },
     #[error("pod {pod} has an unusable role annotation: {source}")]
     BadRole { pod: String, source: policy::Error },
+    #[error("pod {pod}: {denial}")]
+    Forbidden { pod: String, denial: policy::Denial },
     #[error("pod {pod} asked for role {requested:?}, which is not its role")]
     WrongRole { pod: String, requested: String },
     #[error(transparent)]
@@ -52,23 +56,42 @@ pub trait Broker: Send + Sync + 'static {
 /// Standalone mode: this node's pods, policy, and STS through the cache.
 pub struct Standalone<P, S, C> {
     pods: P,
-    base_role_arn: BaseRoleArn,
-    session_template: String,
+    policy: Policy,
     cache: Cache<S, C>,
+    metrics: Metrics,
+    denials: Option<DenialSender>,
 }
 
 impl<P: PodLookup, S: CredentialSource, C: Clock> Standalone<P, S, C> {
+    /// `denials`, when given, receives every policy denial for a Kubernetes Event.
     pub fn new(
         pods: P,
-        base_role_arn: BaseRoleArn,
-        session_template: String,
+        policy: Policy,
         cache: Cache<S, C>,
+        metrics: Metrics,
+        denials: Option<DenialSender>,
     ) -> Self {
         Standalone {
             pods,
-            base_role_arn,
-            session_template,
+            policy,
             cache,
+            metrics,
+            denials,
+        }
+    }
+
+    fn report(&self, pod: &Pod, role: &RoleArn, denial: &policy::Denial) {
+        self.metrics.observe_denial(denial.reason());
+        tracing::info!(pod = %pod.key(), role = %role, reason = %denial, "role denied by namespace policy");
+        if let Some(denials) = &self.denials {
+            // A full queue drops the Event: the log line and metric above already tell.
+            let _ = denials.try_send(Denied {
+                namespace: pod.namespace.clone(),
+                pod: pod.name.clone(),
+                uid: pod.uid.clone(),
+                role: role.to_string(),
+                reason: denial.to_string(),
+            });
         }
     }
 }
@@ -76,17 +99,22 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Standalone<P, S, C> {
 impl<P: PodLookup, S: CredentialSource, C: Clock> Broker for Standalone<P, S, C> {
     async fn role(&self, ip: IpAddr) -> Result<PodRole, Error> {
         let pod = self.pods.lookup(ip).await.ok_or(Error::UnknownPod(ip))?;
-        let annotation = pod
-            .annotations
-            .role
-            .as_deref()
-            .ok_or_else(|| Error::NoRole { pod: pod.key() })?;
-        let role_arn =
-            RoleArn::resolve(annotation, &self.base_role_arn).map_err(|source| Error::BadRole {
+        let namespace = self.pods.namespace_policy(&pod.namespace);
+        match self.policy.role_for(&pod, namespace.as_deref()) {
+            Ok(role_arn) => Ok(PodRole { pod, role_arn }),
+            Err(Refusal::NoRole) => Err(Error::NoRole { pod: pod.key() }),
+            Err(Refusal::BadRole(source)) => Err(Error::BadRole {
                 pod: pod.key(),
                 source,
-            })?;
-        Ok(PodRole { pod, role_arn })
+            }),
+            Err(Refusal::Denied(role, denial)) => {
+                self.report(&pod, &role, &denial);
+                Err(Error::Forbidden {
+                    pod: pod.key(),
+                    denial,
+                })
+            }
+        }
     }
 
     async fn credentials(&self, ip: IpAddr, name: &str) -> Result<(PodRole, Credentials), Error> {
@@ -99,7 +127,7 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Broker for Standalone<P, S, C>
         }
         let request = AssumeRoleRequest {
             role_arn: role.role_arn.clone(),
-            session_name: SessionName::for_pod(&self.session_template, &role.pod),
+            session_name: self.policy.session_name(&role.pod),
             external_id: role.pod.annotations.external_id.clone(),
         };
         let credentials = self.cache.get(&request).await?;

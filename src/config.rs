@@ -21,6 +21,7 @@ pub struct Config {
     pub admin: admin::Config,
     pub aws: AwsConfig,
     pub pods: pods::Config,
+    pub policy: policy::Config,
     pub credentials: credentials::Config,
     pub iptables: iptables::Config,
     pub kiam: KiamConfig,
@@ -104,6 +105,11 @@ impl Config {
             })?;
             figment = figment.merge(Toml::file_exact(file));
         }
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let node_name = env
+            .iter()
+            .find(|(name, value)| name == "NODE_NAME" && !value.is_empty())
+            .map(|(_, value)| value.clone());
         let env = env
             .into_iter()
             .filter_map(|(name, value)| {
@@ -124,7 +130,7 @@ impl Config {
         figment = figment.merge(Layer::new("command-line flags", flags));
         let mut config: Config = figment.extract().map_err(from_figment)?;
         if config.pods.node_name.is_empty() {
-            config.pods.node_name = env_node_name().unwrap_or_default();
+            config.pods.node_name = node_name.unwrap_or_default();
         }
         config.validate()?;
         Ok(config)
@@ -214,11 +220,22 @@ impl Config {
     }
 
     fn validate_pods(&self) -> Result<(), ConfigError> {
-        if self.pods.source != pods::Source::Static {
-            return Ok(());
-        }
         let check_base = policy::BaseRoleArn::parse("arn:aws:iam::000000000000:role/")
             .map_err(|err| ConfigError::new("", err))?;
+        if !self.policy.default_role.is_empty() {
+            policy::RoleArn::resolve(&self.policy.default_role, &check_base)
+                .map_err(|err| ConfigError::new("policy.default_role", err))?;
+        }
+        if self.pods.source == pods::Source::Kubernetes {
+            if self.pods.wait_for_pod >= self.imds.request_timeout {
+                return Err(ConfigError::new(
+                    "pods.wait_for_pod",
+                    "must be shorter than imds.request_timeout (and best under the SDKs' 1s)",
+                ));
+            }
+            // pods.node_name may still come from the node's environment: `App::build` checks.
+            return Ok(());
+        }
         let mut seen = HashMap::new();
         for (i, pod) in self.pods.static_pods.iter().enumerate() {
             let key = |field: &str| format!("pods.static[{i}].{field}");
@@ -309,12 +326,6 @@ fn insert_dotted(dict: &mut Dict, key: &str, value: Value) {
             }
         }
     }
-}
-
-fn env_node_name() -> Option<String> {
-    std::env::var("NODE_NAME")
-        .ok()
-        .filter(|name| !name.is_empty())
 }
 
 fn positive(key: &str, value: Duration) -> Result<(), ConfigError> {

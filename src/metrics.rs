@@ -36,6 +36,12 @@ struct Inner {
     sts_calls: Counter,
     sts_errors: Family<StsErrorLabels, Counter>,
     sts_duration: Histogram,
+    denials: Family<ReasonLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
 }
 
 /// Cheap to clone; every clone records into the same registry.
@@ -81,7 +87,14 @@ impl Default for Metrics {
             "Time taken by STS AssumeRole calls",
             sts_duration.clone(),
         );
+        let denials = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "policy_denials",
+            "Roles refused by namespace policy, by reason",
+            denials.clone(),
+        );
         Metrics(Arc::new(Inner {
+            denials,
             registry,
             requests,
             request_duration,
@@ -117,6 +130,10 @@ impl Metrics {
                 .get_or_create(&StsErrorLabels { kind })
                 .inc();
         }
+    }
+
+    pub fn observe_denial(&self, reason: &'static str) {
+        self.0.denials.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     /// The registry in Prometheus text exposition format.

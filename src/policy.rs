@@ -163,6 +163,170 @@ impl SessionName {
     }
 }
 
+/// A namespace's `iam.amazonaws.com/permitted` annotation: a regex anchored as `^(…)$` and
+/// matched against the full role ARN (kiam's rule).
+#[derive(Debug, Clone)]
+pub enum NamespacePolicy {
+    /// No annotation: nothing is permitted unless configured otherwise.
+    Unannotated,
+    Permits(regex::Regex),
+    /// The annotation is not a valid regex: everything is denied.
+    Invalid {
+        pattern: String,
+        error: String,
+    },
+    /// Sources without namespaces (the static table): the operator's table is the policy.
+    Unrestricted,
+}
+
+/// Why a role was refused for a pod.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denial {
+    #[error("namespace {namespace} has no iam.amazonaws.com/permitted annotation")]
+    Unannotated { namespace: String },
+    #[error("role {role} is not permitted by namespace {namespace} (permitted: {pattern:?})")]
+    NotPermitted {
+        namespace: String,
+        role: String,
+        pattern: String,
+    },
+    #[error(
+        "namespace {namespace}'s permitted annotation {pattern:?} is not a valid regex: {error}"
+    )]
+    InvalidPattern {
+        namespace: String,
+        pattern: String,
+        error: String,
+    },
+    #[error("namespace {namespace} is not known (yet)")]
+    UnknownNamespace { namespace: String },
+}
+
+impl Denial {
+    /// A short label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Denial::Unannotated { .. } => "namespace_unannotated",
+            Denial::NotPermitted { .. } => "not_permitted",
+            Denial::InvalidPattern { .. } => "invalid_pattern",
+            Denial::UnknownNamespace { .. } => "unknown_namespace",
+        }
+    }
+}
+
+/// The annotation that holds a namespace's policy.
+pub const PERMITTED_ANNOTATION: &str = "iam.amazonaws.com/permitted";
+
+impl NamespacePolicy {
+    pub fn from_annotation(annotation: Option<&str>) -> NamespacePolicy {
+        match annotation {
+            None => NamespacePolicy::Unannotated,
+            Some(pattern) => match regex::Regex::new(&format!("^(?:{pattern})$")) {
+                Ok(regex) => NamespacePolicy::Permits(regex),
+                Err(err) => NamespacePolicy::Invalid {
+                    pattern: pattern.to_owned(),
+                    error: err.to_string(),
+                },
+            },
+        }
+    }
+
+    /// Whether pods in `namespace` may have `role`. `allow_unannotated` relaxes kiam's rule
+    /// that a namespace without the annotation permits nothing.
+    pub fn decide(
+        &self,
+        namespace: &str,
+        role: &RoleArn,
+        allow_unannotated: bool,
+    ) -> Result<(), Denial> {
+        match self {
+            NamespacePolicy::Unrestricted => Ok(()),
+            NamespacePolicy::Unannotated if allow_unannotated => Ok(()),
+            NamespacePolicy::Unannotated => Err(Denial::Unannotated {
+                namespace: namespace.to_owned(),
+            }),
+            NamespacePolicy::Permits(regex) if regex.is_match(role.as_str()) => Ok(()),
+            NamespacePolicy::Permits(regex) => Err(Denial::NotPermitted {
+                namespace: namespace.to_owned(),
+                role: role.to_string(),
+                pattern: unanchored(regex.as_str()).to_owned(),
+            }),
+            NamespacePolicy::Invalid { pattern, error } => Err(Denial::InvalidPattern {
+                namespace: namespace.to_owned(),
+                pattern: pattern.clone(),
+                error: error.clone(),
+            }),
+        }
+    }
+}
+
+fn unanchored(anchored: &str) -> &str {
+    anchored
+        .strip_prefix("^(?:")
+        .and_then(|rest| rest.strip_suffix(")$"))
+        .unwrap_or(anchored)
+}
+
+/// The `[policy]` section.
+#[derive(Debug, Clone, PartialEq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Role for pods without an `iam.amazonaws.com/role` annotation; empty = none.
+    pub default_role: String,
+    /// Let namespaces without `iam.amazonaws.com/permitted` permit every role (kiam permits
+    /// nothing there; so does iamlet by default).
+    pub allow_unannotated_namespaces: bool,
+}
+
+/// Everything that decides a pod's role, from the configuration.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub base_role_arn: BaseRoleArn,
+    pub default_role: Option<String>,
+    pub allow_unannotated_namespaces: bool,
+    pub session_name_template: String,
+}
+
+/// Why a pod has no usable role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    NoRole,
+    BadRole(Error),
+    Denied(RoleArn, Denial),
+}
+
+impl Policy {
+    /// The role `pod` may have, given its namespace's policy (`None`: namespace unknown).
+    pub fn role_for(
+        &self,
+        pod: &Pod,
+        namespace: Option<&NamespacePolicy>,
+    ) -> Result<RoleArn, Refusal> {
+        let annotation = pod
+            .annotations
+            .role
+            .as_deref()
+            .or(self.default_role.as_deref())
+            .ok_or(Refusal::NoRole)?;
+        let role = RoleArn::resolve(annotation, &self.base_role_arn).map_err(Refusal::BadRole)?;
+        let decision = match namespace {
+            Some(policy) => policy.decide(&pod.namespace, &role, self.allow_unannotated_namespaces),
+            None => Err(Denial::UnknownNamespace {
+                namespace: pod.namespace.clone(),
+            }),
+        };
+        match decision {
+            Ok(()) => Ok(role),
+            Err(denial) => Err(Refusal::Denied(role, denial)),
+        }
+    }
+
+    /// The STS session name for `pod`.
+    pub fn session_name(&self, pod: &Pod) -> SessionName {
+        SessionName::for_pod(&self.session_name_template, pod)
+    }
+}
+
 /// The placeholders a session name template may use.
 pub const SESSION_NAME_PLACEHOLDERS: &[&str] = &["{namespace}", "{service_account}", "{pod}"];
 
@@ -270,6 +434,7 @@ mod tests {
         Pod {
             namespace: "shop".into(),
             name: "web-0".into(),
+            uid: "uid-1".into(),
             service_account: "web".into(),
             annotations: Annotations {
                 role: Some("web".into()),
@@ -302,5 +467,130 @@ mod tests {
         assert!(check_session_template("{node}").is_err());
         assert!(check_session_template("{namespace").is_err());
         assert!(check_session_template(" ").is_err());
+    }
+}
+
+#[cfg(test)]
+mod namespace_tests {
+    use super::*;
+
+    fn arn(name: &str) -> RoleArn {
+        RoleArn::parse(&format!("arn:aws:iam::123456789012:role/{name}")).expect("valid")
+    }
+
+    #[test]
+    fn the_pattern_is_anchored_to_the_whole_arn() {
+        let policy =
+            NamespacePolicy::from_annotation(Some("arn:aws:iam::123456789012:role/shop-.*"));
+        assert!(policy.decide("shop", &arn("shop-web"), false).is_ok());
+        assert!(policy.decide("shop", &arn("admin"), false).is_err());
+        // A pattern that would match a substring does not match the whole ARN.
+        let loose = NamespacePolicy::from_annotation(Some("shop-web"));
+        assert!(matches!(
+            loose.decide("shop", &arn("shop-web"), false),
+            Err(Denial::NotPermitted { .. })
+        ));
+        // Alternation stays inside the anchors: `a|b` is ^(?:a|b)$, not ^a|b$.
+        let either = NamespacePolicy::from_annotation(Some(".*/x|.*/y"));
+        assert!(either.decide("shop", &arn("x"), false).is_ok());
+        assert!(either.decide("shop", &arn("y-admin"), false).is_err());
+    }
+
+    #[test]
+    fn no_annotation_permits_nothing_unless_relaxed() {
+        let policy = NamespacePolicy::from_annotation(None);
+        assert!(matches!(
+            policy.decide("shop", &arn("web"), false),
+            Err(Denial::Unannotated { .. })
+        ));
+        assert!(policy.decide("shop", &arn("web"), true).is_ok());
+    }
+
+    #[test]
+    fn an_invalid_pattern_denies_without_panicking() {
+        let policy = NamespacePolicy::from_annotation(Some("(unclosed"));
+        let denial = policy
+            .decide("shop", &arn("web"), true)
+            .expect_err("denied");
+        assert_eq!(denial.reason(), "invalid_pattern");
+        assert!(denial.to_string().contains("(unclosed"));
+    }
+
+    #[test]
+    fn denials_name_the_pattern_as_written() {
+        let policy = NamespacePolicy::from_annotation(Some("arn:.*:role/a"));
+        let denial = policy.decide("shop", &arn("b"), false).expect_err("denied");
+        assert!(denial.to_string().contains("\"arn:.*:role/a\""), "{denial}");
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+    use crate::pods::{Annotations, Pod};
+
+    fn policy(default_role: Option<&str>) -> Policy {
+        Policy {
+            base_role_arn: BaseRoleArn::parse("arn:aws:iam::123456789012:role/").expect("base"),
+            default_role: default_role.map(str::to_owned),
+            allow_unannotated_namespaces: false,
+            session_name_template: "{namespace}.{service_account}".into(),
+        }
+    }
+
+    fn pod(role: Option<&str>) -> Pod {
+        Pod {
+            namespace: "shop".into(),
+            name: "web-0".into(),
+            uid: "u".into(),
+            service_account: "web".into(),
+            annotations: Annotations {
+                role: role.map(str::to_owned),
+                ..Annotations::default()
+            },
+        }
+    }
+
+    #[test]
+    fn annotation_then_default_then_nothing() {
+        let open = NamespacePolicy::from_annotation(Some(".*"));
+        let role = policy(None)
+            .role_for(&pod(Some("web")), Some(&open))
+            .expect("role");
+        assert_eq!(role.name(), "web");
+        assert_eq!(
+            policy(None).role_for(&pod(None), Some(&open)),
+            Err(Refusal::NoRole)
+        );
+        let role = policy(Some("basic"))
+            .role_for(&pod(None), Some(&open))
+            .expect("default role");
+        assert_eq!(role.name(), "basic");
+    }
+
+    #[test]
+    fn the_default_role_obeys_the_namespace_too() {
+        let strict = NamespacePolicy::from_annotation(Some(".*/web"));
+        let refusal = policy(Some("basic")).role_for(&pod(None), Some(&strict));
+        assert!(matches!(
+            refusal,
+            Err(Refusal::Denied(_, Denial::NotPermitted { .. }))
+        ));
+    }
+
+    #[test]
+    fn an_unknown_namespace_denies() {
+        let refusal = policy(None).role_for(&pod(Some("web")), None);
+        assert!(matches!(
+            refusal,
+            Err(Refusal::Denied(_, Denial::UnknownNamespace { .. }))
+        ));
+    }
+
+    #[test]
+    fn a_malformed_annotation_is_a_bad_role() {
+        let open = NamespacePolicy::from_annotation(Some(".*"));
+        let refusal = policy(None).role_for(&pod(Some("a b")), Some(&open));
+        assert!(matches!(refusal, Err(Refusal::BadRole(_))));
     }
 }

@@ -281,6 +281,10 @@ fn broker_error(err: broker::Error) -> Outcome {
             )
             .for_pod(pod.clone())
         }
+        Error::Forbidden { pod, .. } => {
+            // Logged, counted and reported as an Event by the broker.
+            Outcome::text(StatusCode::NOT_FOUND, "iamlet: forbidden by policy\n").for_pod(pod)
+        }
         Error::WrongRole { ref pod, .. } => {
             tracing::info!(error = %err, "credentials for another role refused");
             Outcome::text(StatusCode::NOT_FOUND, "iamlet: not this pod's role\n")

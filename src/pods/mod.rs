@@ -1,9 +1,18 @@
-//! Pod identity: which pod stands behind a source IP. This source is the static table
-//! from the configuration (`[[pods.static]]`); the Kubernetes watch sits behind the same trait.
+//! Pod identity: which pod stands behind a source IP, and the policy of its namespace. Two
+//! sources behind one trait: the Kubernetes watch of this node's pods (`index` + `watch`), and
+//! the static table from the configuration (`[[pods.static]]`).
 
+pub mod events;
+pub mod index;
 mod static_table;
+pub mod watch;
 
+pub use index::PodIndex;
 pub use static_table::StaticPods;
+
+use std::time::Duration;
+
+use crate::policy::NamespacePolicy;
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -12,15 +21,30 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 /// The `[pods]` section.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub source: Source,
     /// The node whose pods are served; defaults to the `NODE_NAME` environment variable.
     pub node_name: String,
+    /// How long a request from an unknown IP waits for the watch to bring its pod; keep it
+    /// under the SDKs' 1 s IMDS timeout.
+    #[serde(with = "humantime_serde")]
+    pub wait_for_pod: Duration,
     /// The pod table used when `source = "static"`.
     #[serde(rename = "static")]
     pub static_pods: Vec<StaticPod>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            source: Source::default(),
+            node_name: String::new(),
+            wait_for_pod: Duration::from_millis(900),
+            static_pods: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -57,6 +81,7 @@ fn default_service_account() -> String {
 pub struct Pod {
     pub namespace: String,
     pub name: String,
+    pub uid: String,
     pub service_account: String,
     pub annotations: Annotations,
 }
@@ -83,6 +108,57 @@ impl Pod {
 pub trait PodLookup: Send + Sync + 'static {
     /// The pod that owns `ip` now, if one does and may be served.
     fn lookup(&self, ip: IpAddr) -> impl Future<Output = Option<Arc<Pod>>> + Send;
+    /// The policy of `namespace`; `None` while it is unknown.
+    fn namespace_policy(&self, namespace: &str) -> Option<Arc<NamespacePolicy>>;
     /// Whether the source has a complete picture yet (`/readyz`).
     fn ready(&self) -> bool;
+}
+
+/// This node's pods, from the Kubernetes watch.
+pub struct KubernetesPods {
+    pub index: Arc<PodIndex>,
+    pub wait_for_pod: Duration,
+}
+
+impl PodLookup for KubernetesPods {
+    async fn lookup(&self, ip: IpAddr) -> Option<Arc<Pod>> {
+        self.index.find(ip, self.wait_for_pod).await
+    }
+
+    fn namespace_policy(&self, namespace: &str) -> Option<Arc<NamespacePolicy>> {
+        self.index.namespace(namespace)
+    }
+
+    fn ready(&self) -> bool {
+        self.index.synced()
+    }
+}
+
+/// The configured source.
+pub enum PodSource {
+    Kubernetes(KubernetesPods),
+    Static(StaticPods),
+}
+
+impl PodLookup for PodSource {
+    async fn lookup(&self, ip: IpAddr) -> Option<Arc<Pod>> {
+        match self {
+            PodSource::Kubernetes(pods) => pods.lookup(ip).await,
+            PodSource::Static(pods) => pods.lookup(ip).await,
+        }
+    }
+
+    fn namespace_policy(&self, namespace: &str) -> Option<Arc<NamespacePolicy>> {
+        match self {
+            PodSource::Kubernetes(pods) => pods.namespace_policy(namespace),
+            PodSource::Static(pods) => pods.namespace_policy(namespace),
+        }
+    }
+
+    fn ready(&self) -> bool {
+        match self {
+            PodSource::Kubernetes(pods) => pods.ready(),
+            PodSource::Static(pods) => pods.ready(),
+        }
+    }
 }

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::{Annotations, Pod, PodLookup, StaticPod};
+use crate::policy::NamespacePolicy;
 
 #[derive(Debug, Default)]
 pub struct StaticPods {
@@ -20,6 +21,7 @@ impl StaticPods {
                 let pod = Pod {
                     namespace: entry.namespace.clone(),
                     name: entry.name.clone(),
+                    uid: format!("static:{}/{}", entry.namespace, entry.name),
                     service_account: entry.service_account.clone(),
                     annotations: Annotations {
                         role: entry.role.clone(),
@@ -42,6 +44,11 @@ impl StaticPods {
 impl PodLookup for StaticPods {
     async fn lookup(&self, ip: IpAddr) -> Option<Arc<Pod>> {
         self.by_ip.get(&ip.to_canonical()).cloned()
+    }
+
+    fn namespace_policy(&self, _namespace: &str) -> Option<Arc<NamespacePolicy>> {
+        // The operator's table is the policy.
+        Some(Arc::new(NamespacePolicy::Unrestricted))
     }
 
     fn ready(&self) -> bool {

@@ -1,0 +1,404 @@
+//! The IP → pod index: a pure data structure fed by the watch loop (`watch.rs`), read by every
+//! request. It decides which pod, if any, owns an IP:
+//!
+//! - only pods that are not on the host network and not finished claim their IP;
+//! - pods are kept by uid, so a delete for an old pod never removes its same-named successor;
+//! - an IP claimed by two live pods is refused until one claim goes, whatever order the add
+//!   and delete events arrive in: a new pod never gets an old pod's role by IP reuse;
+//! - a relist is buffered and swapped in whole at `InitDone`.
+//!
+//! Namespaces (for their `permitted` policy) are indexed the same way.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::Pod;
+use crate::policy::NamespacePolicy;
+
+/// What the index keeps of a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRecord {
+    pub pod: Arc<Pod>,
+    pub ip: Option<IpAddr>,
+    pub host_network: bool,
+    /// Succeeded or Failed: the pod's IP may already be someone else's.
+    pub finished: bool,
+}
+
+impl PodRecord {
+    /// The IP this pod may be served on, if any.
+    fn claim(&self) -> Option<IpAddr> {
+        if self.host_network || self.finished {
+            None
+        } else {
+            self.ip.map(|ip| ip.to_canonical())
+        }
+    }
+}
+
+/// A watch event, as the index sees it (mirrors kube's `watcher::Event`).
+#[derive(Debug, Clone)]
+pub enum Change<T> {
+    Apply(T),
+    Delete(T),
+    Init,
+    InitApply(T),
+    InitDone,
+}
+
+/// What an IP resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    Found(Arc<Pod>),
+    Unknown,
+    /// Claimed by more than one live pod: refuse, never guess.
+    Conflict(Vec<String>),
+}
+
+#[derive(Default)]
+struct State {
+    pods: HashMap<String, PodRecord>,
+    claims: HashMap<IpAddr, Vec<String>>,
+    pod_relist: Option<Vec<PodRecord>>,
+    pods_synced: bool,
+    namespaces: HashMap<String, Arc<NamespacePolicy>>,
+    namespace_relist: Option<HashMap<String, Arc<NamespacePolicy>>>,
+    namespaces_synced: bool,
+}
+
+impl State {
+    fn insert(&mut self, record: PodRecord) {
+        self.remove(&record.pod.uid);
+        if let Some(ip) = record.claim() {
+            let owners = self.claims.entry(ip).or_default();
+            owners.push(record.pod.uid.clone());
+            if owners.len() > 1 {
+                let names: Vec<String> = owners
+                    .iter()
+                    .filter_map(|uid| self.pods.get(uid).map(|r| r.pod.key()))
+                    .chain([record.pod.key()])
+                    .collect();
+                tracing::warn!(%ip, pods = ?names, "IP claimed by more than one live pod; serving none of them until it clears");
+            }
+        }
+        self.pods.insert(record.pod.uid.clone(), record);
+    }
+
+    fn remove(&mut self, uid: &str) {
+        let Some(old) = self.pods.remove(uid) else {
+            return;
+        };
+        if let Some(ip) = old.claim()
+            && let Some(owners) = self.claims.get_mut(&ip)
+        {
+            owners.retain(|owner| owner != uid);
+            if owners.is_empty() {
+                self.claims.remove(&ip);
+            }
+        }
+    }
+}
+
+/// The index, shared between the watch loop (writer) and requests (readers).
+pub struct PodIndex {
+    state: RwLock<State>,
+    changed: watch::Sender<u64>,
+}
+
+impl Default for PodIndex {
+    fn default() -> Self {
+        PodIndex {
+            state: RwLock::default(),
+            changed: watch::Sender::new(0),
+        }
+    }
+}
+
+impl PodIndex {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|version| *version += 1);
+    }
+
+    pub fn apply_pod(&self, change: Change<PodRecord>) {
+        {
+            let mut state = self.write();
+            match change {
+                Change::Apply(record) => state.insert(record),
+                Change::Delete(record) => state.remove(&record.pod.uid),
+                Change::Init => state.pod_relist = Some(Vec::new()),
+                Change::InitApply(record) => state.pod_relist.get_or_insert_default().push(record),
+                Change::InitDone => {
+                    let relisted = state.pod_relist.take().unwrap_or_default();
+                    state.pods.clear();
+                    state.claims.clear();
+                    for record in relisted {
+                        state.insert(record);
+                    }
+                    state.pods_synced = true;
+                }
+            }
+        }
+        self.notify();
+    }
+
+    pub fn apply_namespace(&self, change: Change<(String, NamespacePolicy)>) {
+        {
+            let mut state = self.write();
+            match change {
+                Change::Apply((name, policy)) => {
+                    state.namespaces.insert(name, Arc::new(policy));
+                }
+                Change::Delete((name, _)) => {
+                    state.namespaces.remove(&name);
+                }
+                Change::Init => state.namespace_relist = Some(HashMap::new()),
+                Change::InitApply((name, policy)) => {
+                    state
+                        .namespace_relist
+                        .get_or_insert_default()
+                        .insert(name, Arc::new(policy));
+                }
+                Change::InitDone => {
+                    state.namespaces = state.namespace_relist.take().unwrap_or_default();
+                    state.namespaces_synced = true;
+                }
+            }
+        }
+        self.notify();
+    }
+
+    pub fn lookup(&self, ip: IpAddr) -> Lookup {
+        let state = self.read();
+        match state.claims.get(&ip.to_canonical()).map(Vec::as_slice) {
+            None | Some([]) => Lookup::Unknown,
+            Some([uid]) => state
+                .pods
+                .get(uid)
+                .map_or(Lookup::Unknown, |record| Lookup::Found(record.pod.clone())),
+            Some(uids) => Lookup::Conflict(
+                uids.iter()
+                    .filter_map(|uid| state.pods.get(uid).map(|r| r.pod.key()))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// The pod at `ip`, waiting up to `wait` for the watch to bring it (a pod's first request
+    /// can beat its watch event). Woken by index changes, not polling.
+    pub async fn find(&self, ip: IpAddr, wait: Duration) -> Option<Arc<Pod>> {
+        let mut changes = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match self.lookup(ip) {
+                Lookup::Found(pod) => return Some(pod),
+                Lookup::Conflict(_) => return None,
+                Lookup::Unknown => {}
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return None,
+            }
+        }
+    }
+
+    /// The policy of namespace `name`; `None` while it is unknown.
+    pub fn namespace(&self, name: &str) -> Option<Arc<NamespacePolicy>> {
+        self.read().namespaces.get(name).cloned()
+    }
+
+    /// Whether both the pod and namespace lists have been received in full.
+    pub fn synced(&self) -> bool {
+        let state = self.read();
+        state.pods_synced && state.namespaces_synced
+    }
+
+    /// How many pods are indexed (for logs).
+    pub fn len(&self) -> usize {
+        self.read().pods.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pods::Annotations;
+
+    const IP: &str = "10.1.2.3";
+
+    fn record(uid: &str, name: &str, role: &str) -> PodRecord {
+        PodRecord {
+            pod: Arc::new(Pod {
+                namespace: "shop".into(),
+                name: name.into(),
+                uid: uid.into(),
+                service_account: "default".into(),
+                annotations: Annotations {
+                    role: Some(role.into()),
+                    ..Annotations::default()
+                },
+            }),
+            ip: Some(IP.parse().expect("ip")),
+            host_network: false,
+            finished: false,
+        }
+    }
+
+    fn role_at(index: &PodIndex) -> Option<String> {
+        match index.lookup(IP.parse().expect("ip")) {
+            Lookup::Found(pod) => pod.annotations.role.clone(),
+            Lookup::Unknown | Lookup::Conflict(_) => None,
+        }
+    }
+
+    fn synced(index: &PodIndex) {
+        index.apply_pod(Change::Init);
+        index.apply_pod(Change::InitDone);
+    }
+
+    #[test]
+    fn a_pod_is_found_by_its_ip() {
+        let index = PodIndex::default();
+        synced(&index);
+        index.apply_pod(Change::Apply(record("u1", "web-0", "web")));
+        assert_eq!(role_at(&index).as_deref(), Some("web"));
+    }
+
+    #[test]
+    fn a_deleted_pod_is_gone_at_once() {
+        let index = PodIndex::default();
+        index.apply_pod(Change::Apply(record("u1", "web-0", "web")));
+        index.apply_pod(Change::Delete(record("u1", "web-0", "web")));
+        assert_eq!(role_at(&index), None);
+    }
+
+    #[test]
+    fn ip_reuse_delete_then_add_serves_the_new_pod() {
+        let index = PodIndex::default();
+        index.apply_pod(Change::Apply(record("old", "admin-0", "admin")));
+        index.apply_pod(Change::Delete(record("old", "admin-0", "admin")));
+        index.apply_pod(Change::Apply(record("new", "web-0", "web")));
+        assert_eq!(role_at(&index).as_deref(), Some("web"));
+    }
+
+    #[test]
+    fn ip_reuse_add_before_delete_refuses_until_the_old_pod_goes() {
+        let index = PodIndex::default();
+        index.apply_pod(Change::Apply(record("old", "admin-0", "admin")));
+        index.apply_pod(Change::Apply(record("new", "web-0", "web")));
+        // Two live claims: neither role is served, least of all the old pod's.
+        assert!(
+            matches!(index.lookup(IP.parse().expect("ip")), Lookup::Conflict(names) if names.len() == 2)
+        );
+        index.apply_pod(Change::Delete(record("old", "admin-0", "admin")));
+        assert_eq!(role_at(&index).as_deref(), Some("web"));
+    }
+
+    #[test]
+    fn ip_reuse_when_the_old_pod_finishes_first() {
+        let index = PodIndex::default();
+        index.apply_pod(Change::Apply(record("old", "job-0", "admin")));
+        let mut finished = record("old", "job-0", "admin");
+        finished.finished = true;
+        index.apply_pod(Change::Apply(finished));
+        assert_eq!(role_at(&index), None, "a finished pod is not served");
+        index.apply_pod(Change::Apply(record("new", "web-0", "web")));
+        assert_eq!(role_at(&index).as_deref(), Some("web"));
+    }
+
+    #[test]
+    fn a_stale_delete_for_a_recreated_pod_keeps_the_new_one() {
+        // StatefulSet pods come back with the same name and a new uid.
+        let index = PodIndex::default();
+        index.apply_pod(Change::Apply(record("uid-2", "web-0", "web")));
+        index.apply_pod(Change::Delete(record("uid-1", "web-0", "web")));
+        assert_eq!(role_at(&index).as_deref(), Some("web"));
+    }
+
+    #[test]
+    fn host_network_pods_are_never_indexed() {
+        let index = PodIndex::default();
+        let mut host = record("u1", "node-agent", "admin");
+        host.host_network = true;
+        index.apply_pod(Change::Apply(host));
+        assert_eq!(index.lookup(IP.parse().expect("ip")), Lookup::Unknown);
+    }
+
+    #[test]
+    fn a_pod_changing_ip_releases_the_old_one() {
+        let index = PodIndex::default();
+        index.apply_pod(Change::Apply(record("u1", "web-0", "web")));
+        let mut moved = record("u1", "web-0", "web");
+        moved.ip = Some("10.9.9.9".parse().expect("ip"));
+        index.apply_pod(Change::Apply(moved));
+        assert_eq!(role_at(&index), None);
+        assert!(matches!(
+            index.lookup("10.9.9.9".parse().expect("ip")),
+            Lookup::Found(_)
+        ));
+    }
+
+    #[test]
+    fn relists_are_swapped_in_whole() {
+        let index = PodIndex::default();
+        index.apply_pod(Change::Apply(record("gone", "old-0", "admin")));
+        index.apply_pod(Change::Init);
+        index.apply_pod(Change::InitApply(record("u1", "web-0", "web")));
+        // Mid-relist, readers still see the previous complete picture.
+        assert_eq!(role_at(&index).as_deref(), Some("admin"));
+        index.apply_pod(Change::InitDone);
+        assert_eq!(role_at(&index).as_deref(), Some("web"));
+        assert_eq!(index.len(), 1);
+    }
+
+    #[test]
+    fn synced_needs_both_lists() {
+        let index = PodIndex::default();
+        assert!(!index.synced());
+        synced(&index);
+        assert!(!index.synced());
+        index.apply_namespace(Change::Init);
+        index.apply_namespace(Change::InitDone);
+        assert!(index.synced());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn find_waits_for_the_pod_to_arrive() {
+        let index = Arc::new(PodIndex::default());
+        let writer = index.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            writer.apply_pod(Change::Apply(record("u1", "web-0", "web")));
+        });
+        let found = index
+            .find(IP.parse().expect("ip"), Duration::from_millis(900))
+            .await;
+        assert_eq!(found.map(|p| p.name.clone()).as_deref(), Some("web-0"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn find_gives_up_after_the_wait() {
+        let index = PodIndex::default();
+        let started = tokio::time::Instant::now();
+        let found = index
+            .find(IP.parse().expect("ip"), Duration::from_millis(900))
+            .await;
+        assert_eq!(found, None);
+        assert_eq!(started.elapsed(), Duration::from_millis(900));
+    }
+}
