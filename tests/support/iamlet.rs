@@ -43,6 +43,10 @@ pub struct Setup {
     pub log_level: String,
     /// The network namespace to run iamlet in (this machine's when `None`).
     pub netns: Option<String>,
+    /// `pods.source`: "static" (with `pods`) or "kubernetes".
+    pub pods_source: String,
+    /// Extra environment for iamlet (KUBECONFIG, NODE_NAME…).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Setup {
@@ -57,6 +61,8 @@ impl Default for Setup {
             pods: Vec::new(),
             log_level: "debug".to_owned(),
             netns: None,
+            pods_source: "static".to_owned(),
+            env: Vec::new(),
         }
     }
 }
@@ -67,13 +73,14 @@ impl Setup {
             "[imds]\nlisten = \"{}\"\ntokens = \"{}\"\ntoken_key_file = \"{}\"\nupstream = \"{}\"\n{}\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n\n\
              [aws]\nregion = \"us-east-1\"\nsts_endpoint = \"{}\"\nbase_role_arn = \"arn:aws:iam::123456789012:role/\"\n\n\
-             [pods]\nsource = \"static\"\n\n{}\n",
+             [pods]\nsource = \"{}\"\n\n{}\n",
             self.imds_listen,
             self.tokens,
             key_file.display(),
             self.upstream,
             self.imds_extra,
             self.sts,
+            self.pods_source,
             self.extra,
         );
         for pod in &self.pods {
@@ -106,22 +113,29 @@ impl Iamlet {
     pub fn start(dir: &Path, setup: &Setup) -> Iamlet {
         let config = dir.join("iamlet.toml");
         std::fs::write(&config, setup.toml(&dir.join("imds-token.key"))).expect("write config");
-        Self::start_in(
+        Self::launch(
             setup.netns.as_deref(),
             &config,
             &dir.join("iamlet.log"),
             &["--log-level", &setup.log_level],
+            &setup.env,
         )
     }
 
     /// Starts iamlet with a config file and extra arguments (which must include
     /// `--log-level`), logging JSON to `log`.
     pub fn start_with(config: &Path, log: &Path, args: &[&str]) -> Iamlet {
-        Self::start_in(None, config, log, args)
+        Self::launch(None, config, log, args, &[])
     }
 
-    /// As [`Iamlet::start_with`], inside network namespace `netns` when given.
-    pub fn start_in(netns: Option<&str>, config: &Path, log: &Path, args: &[&str]) -> Iamlet {
+    /// As [`Iamlet::start_with`], inside network namespace `netns` when given, with `env`.
+    fn launch(
+        netns: Option<&str>,
+        config: &Path,
+        log: &Path,
+        args: &[&str],
+        env: &[(String, String)],
+    ) -> Iamlet {
         let log_file = std::fs::File::create(log).expect("log file");
         let binary = env!("CARGO_BIN_EXE_iamlet");
         // `ip netns exec` execs the program, so the child's pid is iamlet's own.
@@ -144,6 +158,7 @@ impl Iamlet {
             .env("AWS_ACCESS_KEY_ID", "AKIDNODEOWN")
             .env("AWS_SECRET_ACCESS_KEY", "node-own-secret")
             .env("AWS_EC2_METADATA_DISABLED", "true")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)

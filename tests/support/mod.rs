@@ -3,6 +3,7 @@
 //! front that counts calls and refuses chosen roles).
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
+pub mod fake_kube;
 pub mod http;
 pub mod iamlet;
 pub mod moto;
