@@ -7,14 +7,10 @@ mod support;
 
 use std::path::PathBuf;
 
-use aws_config::BehaviorVersion;
-use aws_config::imds::credentials::ImdsCredentialsProvider;
-use aws_config::provider_config::ProviderConfig;
 use aws_credential_types::provider::ProvideCredentials;
-use aws_sdk_sts::config::Region;
 use support::iamlet::{Iamlet, Setup, pod};
 use support::netns::PodNet;
-use support::{moto, repo};
+use support::{moto, repo, rust_sdk};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Sdk {
@@ -88,44 +84,7 @@ fn rust_caller_identity(imds: &str, sts: &str) -> Outcome {
         .enable_all()
         .build()
         .expect("runtime");
-    runtime.block_on(async {
-        let provider = rust_imds_provider(imds);
-        let config = aws_config::defaults(BehaviorVersion::latest())
-            .http_client(http_client())
-            .region(Region::new("us-east-1"))
-            .credentials_provider(provider)
-            .endpoint_url(sts)
-            .load()
-            .await;
-        let identity = aws_sdk_sts::Client::new(&config)
-            .get_caller_identity()
-            .send()
-            .await
-            .map_err(|err| format!("{}", aws_sdk_sts::error::DisplayErrorContext(err)))?;
-        Ok(identity.arn.unwrap_or_default())
-    })
-}
-
-fn http_client() -> aws_sdk_sts::config::SharedHttpClient {
-    use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    aws_smithy_http_client::Builder::new()
-        .tls_provider(Provider::Rustls(CryptoMode::Ring))
-        .build_https()
-}
-
-/// aws-config's own IMDS client and credentials provider, as an SDK in a pod uses them.
-fn rust_imds_provider(imds: &str) -> ImdsCredentialsProvider {
-    let provider_config = ProviderConfig::without_region().with_http_client(http_client());
-    let client = aws_config::imds::Client::builder()
-        .configure(&provider_config)
-        .endpoint(imds)
-        .expect("endpoint")
-        .build();
-    ImdsCredentialsProvider::builder()
-        .configure(&provider_config)
-        .imds_client(client)
-        .build()
+    runtime.block_on(rust_sdk::caller_identity(imds, sts))
 }
 
 fn assumed(role: &str, session: &str) -> String {
@@ -240,7 +199,7 @@ fn aws_config_keeps_working_across_an_iamlet_restart() {
         ..Setup::default()
     };
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let provider = rust_imds_provider(&format!("http://127.0.0.1:{port}"));
+    let provider = rust_sdk::imds_provider(&format!("http://127.0.0.1:{port}"));
 
     let mut first = Iamlet::start(dir.path(), &setup);
     let before = runtime

@@ -3,11 +3,13 @@
 //! front that counts calls and refuses chosen roles).
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
+pub mod apiserver;
 pub mod fake_kube;
 pub mod http;
 pub mod iamlet;
 pub mod moto;
 pub mod netns;
+pub mod rust_sdk;
 pub mod server;
 pub mod sts_front;
 pub mod upstream;

@@ -1,0 +1,281 @@
+//! End to end against a real kube-apiserver and etcd: iamlet runs with the token of its
+//! ServiceAccount, bound by the RBAC deploy/ ships (so a missing permission fails here), and
+//! watches one node. Pods are created with `spec.nodeName` and given their IP through the
+//! status subresource, as a kubelet would. The pod that matters most is this test process
+//! itself (127.0.0.1), using aws-config, unmodified, to ask moto's STS who it is.
+
+mod support;
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use support::apiserver::{self, IAMLET_TOKEN, STRANGER_TOKEN};
+use support::http::{get, ip};
+use support::iamlet::{Iamlet, Setup};
+use support::{moto, rust_sdk};
+
+const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
+
+async fn create_namespace(client: &kube::Client, name: &str, permitted: Option<&str>) {
+    let mut annotations = serde_json::Map::new();
+    if let Some(permitted) = permitted {
+        annotations.insert("iam.amazonaws.com/permitted".into(), json!(permitted));
+    }
+    let namespace: Namespace = serde_json::from_value(json!({
+        "metadata": {"name": name, "annotations": annotations}
+    }))
+    .expect("namespace");
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await
+        .expect("create namespace");
+}
+
+/// Creates a pod bound to `node` and, as its kubelet would, reports it running at `pod_ip`.
+async fn run_pod(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    node: &str,
+    pod_ip: &str,
+    role: Option<&str>,
+    host_network: bool,
+) {
+    let mut annotations = serde_json::Map::new();
+    if let Some(role) = role {
+        annotations.insert("iam.amazonaws.com/role".into(), json!(role));
+    }
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {"nodeName": node, "hostNetwork": host_network, "containers": [{"name": "app", "image": "app"}]}
+    }))
+    .expect("pod");
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace);
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+    let status =
+        json!({"status": {"phase": "Running", "podIP": pod_ip, "podIPs": [{"ip": pod_ip}]}});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("set pod status");
+}
+
+async fn eventually<F: std::future::Future<Output = bool>>(what: &str, check: impl Fn() -> F) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+fn start_iamlet(dir: &std::path::Path, token: &str, node: &str) -> Iamlet {
+    let kubeconfig = apiserver::shared().kubeconfig(token);
+    let setup = Setup {
+        imds_listen: format!("127.0.0.1:{}", support::free_port()),
+        sts: moto::shared().url(),
+        pods_source: "kubernetes".into(),
+        env: vec![
+            ("KUBECONFIG".into(), kubeconfig.display().to_string()),
+            ("NODE_NAME".into(), node.into()),
+        ],
+        ..Setup::default()
+    };
+    Iamlet::start(dir, &setup)
+}
+
+async fn role_at(iamlet: &Iamlet, pod_ip: IpAddr) -> Option<String> {
+    let reply = get(pod_ip, iamlet.imds, CREDS, None).await;
+    (reply.status == 200).then_some(reply.body)
+}
+
+async fn ready(iamlet: &Iamlet) -> bool {
+    get(ip("127.0.0.1"), iamlet.admin, "/readyz", None)
+        .await
+        .status
+        == 200
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn iamlet_serves_its_nodes_pods_under_the_shipped_rbac() {
+    require_apiserver!();
+    let server = apiserver::shared();
+    let admin = server.admin().await;
+    create_namespace(
+        &admin,
+        "team-a",
+        Some("arn:aws:iam::123456789012:role/a-.*"),
+    )
+    .await;
+    create_namespace(&admin, "team-b", None).await;
+    let node = "node-e2e";
+    run_pod(
+        &admin,
+        "team-a",
+        "web",
+        node,
+        "127.0.0.1",
+        Some("a-web"),
+        false,
+    )
+    .await;
+    run_pod(
+        &admin,
+        "team-a",
+        "sneaky",
+        node,
+        "127.0.0.21",
+        Some("admin"),
+        false,
+    )
+    .await;
+    run_pod(
+        &admin,
+        "team-b",
+        "plain",
+        node,
+        "127.0.0.22",
+        Some("a-web"),
+        false,
+    )
+    .await;
+    run_pod(
+        &admin,
+        "team-a",
+        "host",
+        node,
+        "127.0.0.23",
+        Some("a-web"),
+        true,
+    )
+    .await;
+    run_pod(
+        &admin,
+        "team-a",
+        "elsewhere",
+        "node-other",
+        "127.0.0.24",
+        Some("a-web"),
+        false,
+    )
+    .await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut iamlet = start_iamlet(dir.path(), IAMLET_TOKEN, node);
+    eventually("ready", || ready(&iamlet)).await;
+
+    // The real SDK, as the pod at 127.0.0.1.
+    let imds = format!("http://{}", iamlet.imds);
+    let arn = rust_sdk::caller_identity(&imds, &moto::shared().url()).await;
+    assert_eq!(
+        arn.as_deref(),
+        Ok("arn:aws:sts::123456789012:assumed-role/a-web/team-a.default")
+    );
+
+    let denied = get(ip("127.0.0.21"), iamlet.imds, CREDS, None).await;
+    assert_eq!(
+        (denied.status, denied.body.trim()),
+        (404, "iamlet: forbidden by policy")
+    );
+    assert_eq!(
+        role_at(&iamlet, ip("127.0.0.22")).await,
+        None,
+        "unannotated namespace"
+    );
+    assert_eq!(
+        role_at(&iamlet, ip("127.0.0.23")).await,
+        None,
+        "host-network pod"
+    );
+    assert_eq!(
+        role_at(&iamlet, ip("127.0.0.24")).await,
+        None,
+        "another node's pod"
+    );
+
+    // The denial is an Event on the pod (events.k8s.io, created under iamlet's RBAC).
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(admin.clone(), "team-a");
+    eventually("an IamRoleForbidden Event", || async {
+        events.list(&Default::default()).await.is_ok_and(|list| {
+            list.items.iter().any(|e| {
+                e.reason.as_deref() == Some("IamRoleForbidden")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("sneaky")
+            })
+        })
+    })
+    .await;
+
+    // The pod's annotation changes: the new role is served.
+    let pods = Api::<Pod>::namespaced(admin.clone(), "team-a");
+    let patch = json!({"metadata": {"annotations": {"iam.amazonaws.com/role": "a-reader"}}});
+    pods.patch("web", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("annotate");
+    eventually("the new role", || async {
+        role_at(&iamlet, ip("127.0.0.1")).await.as_deref() == Some("a-reader")
+    })
+    .await;
+
+    // The namespace narrows its policy: the role is no longer served.
+    let namespaces = Api::<Namespace>::all(admin.clone());
+    let narrow = json!({"metadata": {"annotations": {"iam.amazonaws.com/permitted": "arn:aws:iam::123456789012:role/a-web"}}});
+    namespaces
+        .patch("team-a", &PatchParams::default(), &Patch::Merge(&narrow))
+        .await
+        .expect("annotate ns");
+    eventually("the narrowed policy", || async {
+        role_at(&iamlet, ip("127.0.0.1")).await.is_none()
+    })
+    .await;
+
+    // Deleted, and the IP reused by a new pod: the new pod's role, never the old one's.
+    pods.delete("web", &DeleteParams::default().grace_period(0))
+        .await
+        .expect("delete");
+    eventually("the deleted pod is gone", || async {
+        get(ip("127.0.0.1"), iamlet.imds, CREDS, None).await.status == 404
+    })
+    .await;
+    run_pod(
+        &admin,
+        "team-a",
+        "web-next",
+        node,
+        "127.0.0.1",
+        Some("a-web"),
+        false,
+    )
+    .await;
+    eventually("the new pod's role", || async {
+        role_at(&iamlet, ip("127.0.0.1")).await.as_deref() == Some("a-web")
+    })
+    .await;
+
+    // A restart relists and serves again.
+    assert!(iamlet.stop().success());
+    let iamlet = start_iamlet(dir.path(), IAMLET_TOKEN, node);
+    eventually("ready after a restart", || ready(&iamlet)).await;
+    assert_eq!(
+        role_at(&iamlet, ip("127.0.0.1")).await.as_deref(),
+        Some("a-web")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_the_rbac_iamlet_never_becomes_ready() {
+    require_apiserver!();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let iamlet = start_iamlet(dir.path(), STRANGER_TOKEN, "node-stranger");
+    eventually("the watch is refused", || async {
+        iamlet.log().contains("watch failed")
+    })
+    .await;
+    assert!(!ready(&iamlet).await);
+    assert!(iamlet.log().contains("forbidden"), "{}", iamlet.log());
+}
