@@ -19,7 +19,7 @@ use crate::admin;
 use crate::broker::{Broker, Standalone};
 use crate::clock::SystemClock;
 use crate::config::Config;
-use crate::credentials::{Cache, StsSource};
+use crate::credentials::{Cache, RateLimiter, StsSource};
 use crate::http_server::Limits;
 use crate::imds::{self, TokenKey, Upstream};
 use crate::iptables::{self, Interception};
@@ -107,13 +107,21 @@ impl App {
         let metrics = Metrics::default();
         let sts = sts_client(&config).await?;
         let source = StsSource::new(sts, config.credentials.session_duration, metrics.clone());
-        let cache = Cache::new(source, SystemClock, config.credentials.refresh_before);
+        let limiter = RateLimiter::new(config.credentials.sts_qps, config.credentials.sts_burst);
+        let cache = Cache::new(
+            source,
+            SystemClock,
+            config.credentials.refresh_before,
+            limiter,
+            metrics.clone(),
+        );
         let (pods, kubernetes, denials) = pod_source(&config).await?;
         let policy = Policy {
             base_role_arn,
             default_role: Some(config.policy.default_role.clone()).filter(|r| !r.is_empty()),
             allow_unannotated_namespaces: config.policy.allow_unannotated_namespaces,
             session_name_template: config.credentials.session_name.clone(),
+            session_tags: config.credentials.session_tags,
         };
         let broker = Standalone::new(pods, policy, cache, metrics.clone(), denials);
         let state = Arc::new(imds::State {
@@ -208,6 +216,9 @@ impl App {
                 let _ = exited.send((task, detail)).await;
             });
         }
+        let prefetcher = self.state.clone();
+        let stop = cancel.clone();
+        tracker.spawn(async move { prefetcher.broker.follow_pods(stop).await });
         if let Some(kubernetes) = self.kubernetes {
             tracker.spawn(pods::watch::run(
                 kubernetes.client.clone(),

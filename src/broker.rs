@@ -2,9 +2,13 @@
 //! "which role does the pod at this IP have?" and "credentials for this IP and role"; the
 //! standalone stack (pods + policy + cache + STS) answers here, a kiam server could too.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::credentials::{self, AssumeRoleRequest, Cache, CredentialSource, Credentials};
@@ -12,6 +16,9 @@ use crate::metrics::Metrics;
 use crate::pods::events::{DenialSender, Denied};
 use crate::pods::{Pod, PodLookup};
 use crate::policy::{self, Policy, Refusal, RoleArn};
+
+/// How long the prefetcher lets pod changes gather before it syncs the cache.
+const SYNC_DEBOUNCE: Duration = Duration::from_millis(100);
 
 /// A pod and the role it is entitled to.
 #[derive(Debug, Clone)]
@@ -80,6 +87,49 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Standalone<P, S, C> {
         }
     }
 
+    /// What STS is asked for on behalf of `pod` with `role`: also the cache key.
+    fn request_for(&self, pod: &Pod, role_arn: RoleArn) -> AssumeRoleRequest {
+        AssumeRoleRequest {
+            role_arn,
+            session_name: self.policy.session_name(pod),
+            external_id: pod.annotations.external_id.clone(),
+            tags: self.policy.session_tags(pod),
+        }
+    }
+
+    /// The identities that the pods which could be served now would ask for.
+    fn wanted(&self) -> HashSet<AssumeRoleRequest> {
+        self.pods
+            .snapshot()
+            .into_iter()
+            .filter_map(|pod| {
+                let namespace = self.pods.namespace_policy(&pod.namespace);
+                let role = self.policy.role_for(&pod, namespace.as_deref()).ok()?;
+                Some(self.request_for(&pod, role))
+            })
+            .collect()
+    }
+
+    /// Keeps the cache prefetched for the pods there are, following every change, until
+    /// `cancel`. Bursts of changes (a rollout) are taken together.
+    pub async fn follow_pods(&self, cancel: CancellationToken) {
+        let mut changes = self.pods.changes();
+        loop {
+            if self.pods.ready() {
+                self.cache.sync(&self.wanted());
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                changed = changes.changed() => if changed.is_err() { return },
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(SYNC_DEBOUNCE) => {}
+            }
+            changes.borrow_and_update();
+        }
+    }
+
     fn report(&self, pod: &Pod, role: &RoleArn, denial: &policy::Denial) {
         self.metrics.observe_denial(denial.reason());
         tracing::info!(pod = %pod.key(), role = %role, reason = %denial, "role denied by namespace policy");
@@ -125,11 +175,7 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Broker for Standalone<P, S, C>
                 requested: name.to_owned(),
             });
         }
-        let request = AssumeRoleRequest {
-            role_arn: role.role_arn.clone(),
-            session_name: self.policy.session_name(&role.pod),
-            external_id: role.pod.annotations.external_id.clone(),
-        };
+        let request = self.request_for(&role.pod, role.role_arn.clone());
         let credentials = self.cache.get(&request).await?;
         Ok((role, credentials))
     }

@@ -18,6 +18,29 @@ impl Clock for SystemClock {
     }
 }
 
+/// Wall time that moves with tokio's clock, so tests with paused time move both together:
+/// the real time at creation plus tokio time elapsed since.
+#[derive(Debug, Clone, Copy)]
+pub struct TokioClock {
+    start: SystemTime,
+    anchor: tokio::time::Instant,
+}
+
+impl Default for TokioClock {
+    fn default() -> Self {
+        TokioClock {
+            start: SystemTime::now(),
+            anchor: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> SystemTime {
+        self.start + self.anchor.elapsed()
+    }
+}
+
 /// A clock that moves only when told to; starts at the real time of its creation.
 #[derive(Debug, Clone)]
 pub struct ManualClock {

@@ -275,6 +275,18 @@ impl Config {
                 "must be shorter than credentials.session_duration",
             ));
         }
+        if !(credentials.sts_qps.is_finite() && credentials.sts_qps > 0.0) {
+            return Err(ConfigError::new(
+                "credentials.sts_qps",
+                "must be a number above 0",
+            ));
+        }
+        if credentials.sts_burst == 0 {
+            return Err(ConfigError::new(
+                "credentials.sts_burst",
+                "must be at least 1",
+            ));
+        }
         policy::check_session_template(&credentials.session_name)
             .map_err(|err| ConfigError::new("credentials.session_name", err))
     }
@@ -465,6 +477,17 @@ mod tests {
         }
         let env = [("IAMLET_IMDS__TOKENS", "sometimes")];
         assert_eq!(key_of(load("", &env, Vec::new())), "imds.tokens");
+    }
+
+    #[test]
+    fn sts_limits_must_allow_calls() {
+        for (toml, key) in [
+            ("[credentials]\nsts_qps = 0", "credentials.sts_qps"),
+            ("[credentials]\nsts_qps = -1.5", "credentials.sts_qps"),
+            ("[credentials]\nsts_burst = 0", "credentials.sts_burst"),
+        ] {
+            assert_eq!(key_of(load(toml, &[], Vec::new())), key, "{toml}");
+        }
     }
 
     #[test]

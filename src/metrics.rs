@@ -37,6 +37,17 @@ struct Inner {
     sts_errors: Family<StsErrorLabels, Counter>,
     sts_duration: Histogram,
     denials: Family<ReasonLabels, Counter>,
+    cache_hits: Counter,
+    cache_misses: Counter,
+    refreshes: Family<OutcomeLabels, Counter>,
+    stale_served: Counter,
+    served_remaining: Histogram,
+    cache_entries: prometheus_client::metrics::gauge::Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -78,7 +89,7 @@ impl Default for Metrics {
         let sts_errors = Family::<StsErrorLabels, Counter>::default();
         registry.register(
             "sts_assume_role_errors",
-            "Failed AssumeRole calls, by kind (refused, unavailable)",
+            "Failed AssumeRole calls, by kind (refused, throttled, server_error, network)",
             sts_errors.clone(),
         );
         let sts_duration = latency_histogram();
@@ -93,7 +104,53 @@ impl Default for Metrics {
             "Roles refused by namespace policy, by reason",
             denials.clone(),
         );
+        let cache_hits = Counter::default();
+        registry.register(
+            "credential_cache_hits",
+            "Credential requests answered from the cache",
+            cache_hits.clone(),
+        );
+        let cache_misses = Counter::default();
+        registry.register(
+            "credential_cache_misses",
+            "Credential requests that had to wait for STS",
+            cache_misses.clone(),
+        );
+        let refreshes = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "credential_refreshes",
+            "Background fetches (prefetch and refresh-ahead), by outcome",
+            refreshes.clone(),
+        );
+        let stale_served = Counter::default();
+        registry.register(
+            "credential_stale_served",
+            "Credentials served inside the refresh window because STS was in trouble",
+            stale_served.clone(),
+        );
+        // One minute to twelve hours.
+        let served_remaining = Histogram::new([
+            60.0, 300.0, 900.0, 1200.0, 1500.0, 1800.0, 2400.0, 3000.0, 3600.0, 7200.0, 21600.0,
+            43200.0,
+        ]);
+        registry.register(
+            "credential_served_remaining_seconds",
+            "Lifetime left on credentials when they are served",
+            served_remaining.clone(),
+        );
+        let cache_entries = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register(
+            "credential_cache_entries",
+            "Identities (role, session name, external id, tags) cached",
+            cache_entries.clone(),
+        );
         Metrics(Arc::new(Inner {
+            cache_hits,
+            cache_misses,
+            refreshes,
+            stale_served,
+            served_remaining,
+            cache_entries,
             denials,
             registry,
             requests,
@@ -123,13 +180,44 @@ impl Metrics {
         if let Some(error) = error {
             let kind = match error {
                 credentials::Error::Refused { .. } => "refused",
-                credentials::Error::Unavailable { .. } => "unavailable",
+                credentials::Error::Unavailable { kind, .. } => kind.label(),
             };
             self.0
                 .sts_errors
                 .get_or_create(&StsErrorLabels { kind })
                 .inc();
         }
+    }
+
+    pub fn observe_cache_hit(&self, remaining: Duration) {
+        self.0.cache_hits.inc();
+        self.observe_served(remaining);
+    }
+
+    pub fn observe_cache_miss(&self) {
+        self.0.cache_misses.inc();
+    }
+
+    pub fn observe_served(&self, remaining: Duration) {
+        self.0.served_remaining.observe(remaining.as_secs_f64());
+    }
+
+    pub fn observe_stale_served(&self, remaining: Duration) {
+        self.0.stale_served.inc();
+        self.observe_served(remaining);
+    }
+
+    pub fn observe_refresh(&self, outcome: &'static str) {
+        self.0
+            .refreshes
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    pub fn set_cache_entries(&self, entries: u64) {
+        self.0
+            .cache_entries
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
     }
 
     pub fn observe_denial(&self, reason: &'static str) {

@@ -285,6 +285,9 @@ pub struct Policy {
     pub default_role: Option<String>,
     pub allow_unannotated_namespaces: bool,
     pub session_name_template: String,
+    /// Tag sessions with the pod's namespace and service account (and name, when the session
+    /// name template already splits sessions per pod).
+    pub session_tags: bool,
 }
 
 /// Why a pod has no usable role.
@@ -324,6 +327,27 @@ impl Policy {
     /// The STS session name for `pod`.
     pub fn session_name(&self, pod: &Pod) -> SessionName {
         SessionName::for_pod(&self.session_name_template, pod)
+    }
+
+    /// The session tags for `pod`, sorted by key; none unless `session_tags` is on. The pod
+    /// name is a tag only when the session name template has `{pod}`: otherwise it would split
+    /// the one session that a workload's replicas share.
+    pub fn session_tags(&self, pod: &Pod) -> Vec<(String, String)> {
+        if !self.session_tags {
+            return Vec::new();
+        }
+        let mut tags = vec![
+            ("kubernetes-namespace".to_owned(), pod.namespace.clone()),
+            (
+                "kubernetes-service-account".to_owned(),
+                pod.service_account.clone(),
+            ),
+        ];
+        if self.session_name_template.contains("{pod}") {
+            tags.push(("kubernetes-pod-name".to_owned(), pod.name.clone()));
+        }
+        tags.sort();
+        tags
     }
 }
 
@@ -535,7 +559,24 @@ mod policy_tests {
             default_role: default_role.map(str::to_owned),
             allow_unannotated_namespaces: false,
             session_name_template: "{namespace}.{service_account}".into(),
+            session_tags: false,
         }
+    }
+
+    #[test]
+    fn session_tags_name_the_pod_only_when_sessions_are_per_pod() {
+        let mut policy = policy(None);
+        assert!(policy.session_tags(&pod(None)).is_empty(), "off by default");
+        policy.session_tags = true;
+        let keys: Vec<String> = policy
+            .session_tags(&pod(None))
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(keys, ["kubernetes-namespace", "kubernetes-service-account"]);
+        policy.session_name_template = "{pod}".into();
+        let tags = policy.session_tags(&pod(None));
+        assert!(tags.contains(&("kubernetes-pod-name".to_owned(), "web-0".to_owned())));
     }
 
     fn pod(role: Option<&str>) -> Pod {

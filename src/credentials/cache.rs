@@ -1,150 +1,298 @@
-//! The credential cache: one entry per [`AssumeRoleRequest`], so every pod that STS would see as
-//! the same identity shares one session. Concurrent misses for one key wait on a single call.
+//! The credential cache: one entry per [`AssumeRoleRequest`] (role, session name, external id,
+//! session tags), so every pod that STS would see as the same identity shares one session.
 //!
-//! Cached credentials are served only while more than `refresh_before` remains: SDKs misbehave
-//! with credentials close to expiry (botocore extends them itself, Java v1 refetches on every call).
+//! - **Prefetch**: [`Cache::sync`] is told the keys that live pods need (the broker follows the
+//!   pod index); a new key is fetched in the background at once, so a pod's first request is
+//!   a hit. Keys no pod needs any more are evicted and stop refreshing.
+//! - **Refresh ahead**: each entry's task refreshes when `refresh_before` (with up to 10% of the
+//!   remaining margin as jitter, so keys fetched together spread out) is left, so a served
+//!   credential keeps more than `refresh_before` in normal operation.
+//! - **Single flight**: a request and the refresh task of one key take the entry's lock, so
+//!   concurrent misses make one STS call.
+//! - **STS trouble**: on throttling, 5xx or timeouts the last good credentials are served until
+//!   they truly expire, while the task retries with exponential backoff and jitter.
+//!   A refusal (AccessDenied…) is kept and answered without asking STS again until pods or
+//!   policy change ([`Cache::sync`] moves the generation on).
+//! - **Rate limit**: every STS call takes a token from the [`RateLimiter`]; requests first.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
+use rand::Rng;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::limiter::{Priority, RateLimiter};
 use super::{AssumeRoleRequest, CredentialSource, Credentials, Error};
 use crate::clock::Clock;
+use crate::metrics::Metrics;
 
-type Slot = Arc<tokio::sync::Mutex<Option<Credentials>>>;
+/// Largest number of distinct identities kept (bounded memory).
+const MAX_ENTRIES: u64 = 100_000;
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(120);
 
-pub struct Cache<S, C> {
+struct State {
+    credentials: Option<Credentials>,
+    /// A refusal, and the generation it was given in.
+    refused: Option<(Error, u64)>,
+    failures: u32,
+    /// When the refresh task should next call STS (jitter and backoff fixed when set).
+    due: SystemTime,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            credentials: None,
+            refused: None,
+            failures: 0,
+            due: SystemTime::UNIX_EPOCH,
+        }
+    }
+}
+
+struct Entry {
+    state: tokio::sync::Mutex<State>,
+    stop: CancellationToken,
+}
+
+struct Inner<S, C> {
     source: S,
     clock: C,
     refresh_before: Duration,
-    slots: Mutex<HashMap<AssumeRoleRequest, Slot>>,
+    limiter: RateLimiter,
+    metrics: Metrics,
+    entries: moka::sync::Cache<AssumeRoleRequest, Arc<Entry>>,
+    generation: watch::Sender<u64>,
+}
+
+/// Cheap to clone; clones share the entries.
+pub struct Cache<S, C> {
+    inner: Arc<Inner<S, C>>,
+}
+
+impl<S, C> Clone for Cache<S, C> {
+    fn clone(&self) -> Self {
+        Cache {
+            inner: self.inner.clone(),
+        }
+    }
 }
 
 impl<S: CredentialSource, C: Clock> Cache<S, C> {
-    pub fn new(source: S, clock: C, refresh_before: Duration) -> Self {
+    pub fn new(
+        source: S,
+        clock: C,
+        refresh_before: Duration,
+        limiter: RateLimiter,
+        metrics: Metrics,
+    ) -> Self {
+        let entries = moka::sync::Cache::builder()
+            .max_capacity(MAX_ENTRIES)
+            .eviction_listener(|_key, entry: Arc<Entry>, _cause| entry.stop.cancel())
+            .build();
         Cache {
-            source,
-            clock,
-            refresh_before,
-            slots: Mutex::new(HashMap::new()),
+            inner: Arc::new(Inner {
+                source,
+                clock,
+                refresh_before,
+                limiter,
+                metrics,
+                entries,
+                generation: watch::Sender::new(0),
+            }),
         }
     }
 
-    /// Credentials for `request`, from the cache while they are fresh, else from the source.
+    /// Credentials for `request`, for a pod waiting on them.
     pub async fn get(&self, request: &AssumeRoleRequest) -> Result<Credentials, Error> {
-        let slot = self.slot(request);
-        // Holding the slot's lock across the fetch is the single flight: later callers for the
-        // same key wait here and then find the fresh entry.
-        let mut entry = slot.lock().await;
-        if let Some(cached) = entry.as_ref()
-            && cached.remaining(self.clock.now()) > self.refresh_before
+        let inner = &self.inner;
+        let entry = self.entry(request);
+        let mut state = entry.state.lock().await;
+        let now = inner.clock.now();
+        if let Some(cached) = &state.credentials
+            && cached.remaining(now) > inner.refresh_before
         {
+            inner.metrics.observe_cache_hit(cached.remaining(now));
             return Ok(cached.clone());
         }
-        let fresh = self.source.assume_role(request).await?;
-        *entry = Some(fresh.clone());
-        Ok(fresh)
+        if let Some((refusal, generation)) = &state.refused
+            && *generation == *inner.generation.borrow()
+        {
+            return Err(refusal.clone());
+        }
+        inner.metrics.observe_cache_miss();
+        inner.limiter.acquire(Priority::Request).await;
+        let fetched = inner.source.assume_role(request).await;
+        match inner.store(&mut state, fetched) {
+            Ok(fresh) => {
+                inner
+                    .metrics
+                    .observe_served(fresh.remaining(inner.clock.now()));
+                Ok(fresh)
+            }
+            Err(err @ Error::Unavailable { .. }) => match &state.credentials {
+                // STS is in trouble: the last good credentials, while they last.
+                Some(last) if last.remaining(inner.clock.now()) > Duration::ZERO => {
+                    inner
+                        .metrics
+                        .observe_stale_served(last.remaining(inner.clock.now()));
+                    Ok(last.clone())
+                }
+                _ => Err(err),
+            },
+            Err(err) => Err(err),
+        }
     }
 
-    fn slot(&self, request: &AssumeRoleRequest) -> Slot {
-        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
-        // Clone the key only when it is new: this runs on every credential request.
-        if let Some(slot) = slots.get(request) {
-            return slot.clone();
+    /// Makes the cache hold exactly `wanted`: new keys are fetched in the background now,
+    /// keys no longer wanted are evicted, and refusals may be retried (pods or policy changed).
+    pub fn sync(&self, wanted: &HashSet<AssumeRoleRequest>) {
+        self.inner
+            .generation
+            .send_modify(|generation| *generation += 1);
+        let stale: Vec<AssumeRoleRequest> = self
+            .inner
+            .entries
+            .iter()
+            .map(|(key, _)| (*key).clone())
+            .filter(|key| !wanted.contains(key))
+            .collect();
+        for key in stale {
+            self.inner.entries.invalidate(&key);
         }
-        slots.entry(request.clone()).or_default().clone()
+        for key in wanted {
+            self.entry(key);
+        }
+        self.inner.entries.run_pending_tasks();
+        self.inner
+            .metrics
+            .set_cache_entries(self.inner.entries.entry_count());
+    }
+
+    /// The entry for `request`, created (with its refresh task) on first use.
+    fn entry(&self, request: &AssumeRoleRequest) -> Arc<Entry> {
+        self.inner.entries.get_with_by_ref(request, || {
+            let entry = Arc::new(Entry {
+                state: tokio::sync::Mutex::new(State::default()),
+                stop: CancellationToken::new(),
+            });
+            tokio::spawn(refresh(self.inner.clone(), request.clone(), entry.clone()));
+            entry
+        })
+    }
+}
+
+impl<S: CredentialSource, C: Clock> Inner<S, C> {
+    /// Records the outcome of an STS call in `state`, and when the next one is due.
+    fn store(
+        &self,
+        state: &mut State,
+        fetched: Result<Credentials, Error>,
+    ) -> Result<Credentials, Error> {
+        let now = self.clock.now();
+        match fetched {
+            Ok(fresh) => {
+                // Refresh when `refresh_before` is left, less up to 10% of the margin, so that
+                // keys fetched together do not all come due together.
+                let margin = fresh.remaining(now).saturating_sub(self.refresh_before);
+                let jitter = margin.mul_f64(rand::rng().random_range(0.0..0.1));
+                state.due = now + margin.saturating_sub(jitter);
+                state.credentials = Some(fresh.clone());
+                state.refused = None;
+                state.failures = 0;
+                Ok(fresh)
+            }
+            Err(refusal @ Error::Refused { .. }) => {
+                // Authoritative: the old credentials are not served any more either.
+                state.credentials = None;
+                state.refused = Some((refusal.clone(), *self.generation.borrow()));
+                Err(refusal)
+            }
+            Err(err) => {
+                state.failures = state.failures.saturating_add(1);
+                state.due = now + backoff(state.failures);
+                Err(err)
+            }
+        }
+    }
+
+    /// Time until the refresh task should call STS for this entry.
+    fn until_due(&self, state: &State) -> Duration {
+        state
+            .due
+            .duration_since(self.clock.now())
+            .unwrap_or_default()
+    }
+}
+
+/// Exponential backoff with ±20% jitter: 1 s, 2 s, 4 s… up to two minutes.
+fn backoff(failures: u32) -> Duration {
+    let base = BACKOFF_FIRST
+        .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(16)))
+        .min(BACKOFF_MAX);
+    base.mul_f64(rand::rng().random_range(0.8..1.2))
+}
+
+/// An entry's life: fetch now (prefetch), then refresh ahead of expiry, until evicted.
+async fn refresh<S: CredentialSource, C: Clock>(
+    inner: Arc<Inner<S, C>>,
+    key: AssumeRoleRequest,
+    entry: Arc<Entry>,
+) {
+    let mut generations = inner.generation.subscribe();
+    let mut delay = Duration::ZERO;
+    loop {
+        tokio::select! {
+            () = entry.stop.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+        let refused = {
+            let state = entry.state.lock().await;
+            delay = inner.until_due(&state);
+            state
+                .refused
+                .as_ref()
+                .is_some_and(|(_, generation)| *generation == *generations.borrow_and_update())
+        };
+        if refused {
+            // Refused: ask STS again only once pods or policy have changed.
+            tokio::select! {
+                () = entry.stop.cancelled() => return,
+                changed = generations.changed() => if changed.is_err() { return },
+            }
+            delay = Duration::ZERO;
+            continue;
+        }
+        if !delay.is_zero() {
+            continue;
+        }
+        // Take a token before the lock: a request for this key must not queue behind us.
+        tokio::select! {
+            () = entry.stop.cancelled() => return,
+            () = inner.limiter.acquire(Priority::Background) => {}
+        }
+        let mut state = entry.state.lock().await;
+        if !inner.until_due(&state).is_zero() && state.refused.is_none() {
+            // A request refreshed it while we waited for the token.
+            delay = inner.until_due(&state);
+            continue;
+        }
+        let fetched = inner.source.assume_role(&key).await;
+        let outcome = match &fetched {
+            Ok(_) => "ok",
+            Err(Error::Refused { .. }) => "refused",
+            Err(Error::Unavailable { .. }) => "unavailable",
+        };
+        inner.metrics.observe_refresh(outcome);
+        if let Err(err) = inner.store(&mut state, fetched) {
+            tracing::warn!(error = %err, failures = state.failures, "background credential refresh failed");
+        }
+        delay = inner.until_due(&state);
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::clock::ManualClock;
-    use crate::policy::{RoleArn, SessionName};
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    #[derive(Clone)]
-    struct CountingSource {
-        calls: Arc<AtomicUsize>,
-        clock: ManualClock,
-        lifetime: Duration,
-    }
-
-    impl CredentialSource for CountingSource {
-        async fn assume_role(&self, _: &AssumeRoleRequest) -> Result<Credentials, Error> {
-            let n = self.calls.fetch_add(1, Ordering::SeqCst);
-            tokio::task::yield_now().await;
-            let now = self.clock.now();
-            Ok(Credentials {
-                access_key_id: format!("AKID{n}"),
-                secret_access_key: "secret".into(),
-                session_token: "token".into(),
-                expiration: now + self.lifetime,
-                last_updated: now,
-            })
-        }
-    }
-
-    fn request(role: &str) -> AssumeRoleRequest {
-        AssumeRoleRequest {
-            role_arn: RoleArn::parse(&format!("arn:aws:iam::123456789012:role/{role}"))
-                .expect("valid arn"),
-            session_name: SessionName::sanitize("ns.sa"),
-            external_id: None,
-        }
-    }
-
-    fn cache(clock: &ManualClock) -> (Cache<CountingSource, ManualClock>, Arc<AtomicUsize>) {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let source = CountingSource {
-            calls: calls.clone(),
-            clock: clock.clone(),
-            lifetime: Duration::from_secs(3600),
-        };
-        let cache = Cache::new(source, clock.clone(), Duration::from_secs(1800));
-        (cache, calls)
-    }
-
-    #[tokio::test]
-    async fn same_identity_shares_one_session() {
-        let clock = ManualClock::default();
-        let (cache, calls) = cache(&clock);
-        let first = cache.get(&request("a")).await.expect("credentials");
-        let second = cache.get(&request("a")).await.expect("credentials");
-        assert_eq!(first.access_key_id, second.access_key_id);
-        cache.get(&request("b")).await.expect("credentials");
-        assert_eq!(calls.load(Ordering::SeqCst), 2);
-    }
-
-    #[tokio::test]
-    async fn concurrent_misses_make_one_call() {
-        let clock = ManualClock::default();
-        let (cache, calls) = cache(&clock);
-        let cache = Arc::new(cache);
-        let tasks: Vec<_> = (0..50)
-            .map(|_| {
-                let cache = cache.clone();
-                tokio::spawn(async move { cache.get(&request("a")).await })
-            })
-            .collect();
-        for task in tasks {
-            task.await.expect("task").expect("credentials");
-        }
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
-    }
-
-    #[tokio::test]
-    async fn never_serves_credentials_inside_the_refresh_window() {
-        let clock = ManualClock::default();
-        let (cache, calls) = cache(&clock);
-        let first = cache.get(&request("a")).await.expect("credentials");
-        clock.advance(Duration::from_secs(29 * 60));
-        let still = cache.get(&request("a")).await.expect("credentials");
-        assert_eq!(still.access_key_id, first.access_key_id);
-        clock.advance(Duration::from_secs(2 * 60));
-        let renewed = cache.get(&request("a")).await.expect("credentials");
-        assert_ne!(renewed.access_key_id, first.access_key_id);
-        assert!(renewed.remaining(clock.now()) > Duration::from_secs(1800));
-        assert_eq!(calls.load(Ordering::SeqCst), 2);
-    }
-}
+mod tests;

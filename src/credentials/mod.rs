@@ -2,9 +2,11 @@
 //! cache in front of the source.
 
 mod cache;
+mod limiter;
 mod sts;
 
 pub use cache::Cache;
+pub use limiter::{Priority, RateLimiter};
 pub use sts::StsSource;
 
 use std::fmt;
@@ -27,6 +29,13 @@ pub struct Config {
     pub refresh_before: Duration,
     /// STS session name: `{namespace}`, `{service_account}` and `{pod}` are replaced.
     pub session_name: String,
+    /// Pass `kubernetes-namespace` and `kubernetes-service-account` (and `kubernetes-pod-name`
+    /// when the session name has `{pod}`) as session tags, for ABAC.
+    pub session_tags: bool,
+    /// AssumeRole calls per second, at most, over time.
+    pub sts_qps: f64,
+    /// AssumeRole calls at once, at most, after a quiet spell.
+    pub sts_burst: u32,
 }
 
 impl Default for Config {
@@ -35,6 +44,9 @@ impl Default for Config {
             session_duration: Duration::from_secs(3600),
             refresh_before: Duration::from_secs(30 * 60),
             session_name: "{namespace}.{service_account}".to_owned(),
+            session_tags: false,
+            sts_qps: 20.0,
+            sts_burst: 20,
         }
     }
 }
@@ -46,6 +58,8 @@ pub struct AssumeRoleRequest {
     pub role_arn: RoleArn,
     pub session_name: SessionName,
     pub external_id: Option<String>,
+    /// Session tags, sorted by key; empty unless `session_tags` is on.
+    pub tags: Vec<(String, String)>,
 }
 
 /// A temporary credential. `Debug` never shows the secret parts.
@@ -83,8 +97,37 @@ pub enum Error {
     #[error("STS refused to assume {role_arn}: {message}")]
     Refused { role_arn: RoleArn, message: String },
     /// STS could not be reached or was in trouble (throttling, 5xx, timeout): worth a retry.
-    #[error("STS unavailable while assuming {role_arn}: {message}")]
-    Unavailable { role_arn: RoleArn, message: String },
+    #[error("STS unavailable ({kind}) while assuming {role_arn}: {message}")]
+    Unavailable {
+        role_arn: RoleArn,
+        kind: Trouble,
+        message: String,
+    },
+}
+
+/// What kind of trouble STS was in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trouble {
+    Throttled,
+    ServerError,
+    /// Timeouts, refused connections, DNS: STS was not reached or did not answer.
+    Network,
+}
+
+impl Trouble {
+    pub fn label(self) -> &'static str {
+        match self {
+            Trouble::Throttled => "throttled",
+            Trouble::ServerError => "server_error",
+            Trouble::Network => "network",
+        }
+    }
+}
+
+impl std::fmt::Display for Trouble {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
 }
 
 /// Something that turns an [`AssumeRoleRequest`] into credentials: STS in production, fakes in

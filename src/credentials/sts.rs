@@ -6,7 +6,7 @@ use aws_sdk_sts::config::http::HttpResponse;
 use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sts::operation::assume_role::AssumeRoleError;
 
-use super::{AssumeRoleRequest, CredentialSource, Credentials, Error};
+use super::{AssumeRoleRequest, CredentialSource, Credentials, Error, Trouble};
 use crate::metrics::Metrics;
 use crate::policy::RoleArn;
 
@@ -38,6 +38,7 @@ impl CredentialSource for StsSource {
             .role_arn(request.role_arn.as_str())
             .role_session_name(request.session_name.as_str())
             .set_external_id(request.external_id.clone())
+            .set_tags(session_tags(&request.tags))
             .duration_seconds(duration_secs)
             .send()
             .await;
@@ -54,6 +55,7 @@ impl CredentialSource for StsSource {
                 })
                 .ok_or_else(|| Error::Unavailable {
                     role_arn: request.role_arn.clone(),
+                    kind: Trouble::ServerError,
                     message: "STS answered without credentials".to_owned(),
                 }),
             Err(err) => Err(classify(&request.role_arn, err)),
@@ -82,14 +84,25 @@ fn classify(role_arn: &RoleArn, err: SdkError<AssumeRoleError, HttpResponse>) ->
                 service.err().message().unwrap_or("no message")
             );
             let status = service.raw().status().as_u16();
-            if status >= 500 || status == 429 || THROTTLING_CODES.contains(&code) {
-                Error::Unavailable { role_arn, message }
+            if status == 429 || THROTTLING_CODES.contains(&code) {
+                Error::Unavailable {
+                    role_arn,
+                    kind: Trouble::Throttled,
+                    message,
+                }
+            } else if status >= 500 {
+                Error::Unavailable {
+                    role_arn,
+                    kind: Trouble::ServerError,
+                    message,
+                }
             } else {
                 Error::Refused { role_arn, message }
             }
         }
         _ => Error::Unavailable {
             role_arn,
+            kind: Trouble::Network,
             message: error_chain(&err),
         },
     }
@@ -105,4 +118,21 @@ fn error_chain(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+fn session_tags(tags: &[(String, String)]) -> Option<Vec<aws_sdk_sts::types::Tag>> {
+    if tags.is_empty() {
+        return None;
+    }
+    let tags = tags
+        .iter()
+        .filter_map(|(key, value)| {
+            aws_sdk_sts::types::Tag::builder()
+                .key(key)
+                .value(value)
+                .build()
+                .ok()
+        })
+        .collect();
+    Some(tags)
 }

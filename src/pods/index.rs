@@ -213,6 +213,24 @@ impl PodIndex {
         }
     }
 
+    /// Every pod that owns its IP alone now: the pods that could be served.
+    pub fn servable(&self) -> Vec<Arc<Pod>> {
+        let state = self.read();
+        state
+            .claims
+            .values()
+            .filter_map(|owners| match owners.as_slice() {
+                [uid] => state.pods.get(uid).map(|record| record.pod.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A receiver that changes whenever the index does.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
     /// The policy of namespace `name`; `None` while it is unknown.
     pub fn namespace(&self, name: &str) -> Option<Arc<NamespacePolicy>> {
         self.read().namespaces.get(name).cloned()

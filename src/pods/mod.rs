@@ -112,6 +112,10 @@ pub trait PodLookup: Send + Sync + 'static {
     fn namespace_policy(&self, namespace: &str) -> Option<Arc<NamespacePolicy>>;
     /// Whether the source has a complete picture yet (`/readyz`).
     fn ready(&self) -> bool;
+    /// Every pod that could be served now (for prefetching).
+    fn snapshot(&self) -> Vec<Arc<Pod>>;
+    /// Changes whenever pods or namespaces change.
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
 }
 
 /// This node's pods, from the Kubernetes watch.
@@ -131,6 +135,14 @@ impl PodLookup for KubernetesPods {
 
     fn ready(&self) -> bool {
         self.index.synced()
+    }
+
+    fn snapshot(&self) -> Vec<Arc<Pod>> {
+        self.index.servable()
+    }
+
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.index.subscribe()
     }
 }
 
@@ -159,6 +171,20 @@ impl PodLookup for PodSource {
         match self {
             PodSource::Kubernetes(pods) => pods.ready(),
             PodSource::Static(pods) => pods.ready(),
+        }
+    }
+
+    fn snapshot(&self) -> Vec<Arc<Pod>> {
+        match self {
+            PodSource::Kubernetes(pods) => pods.snapshot(),
+            PodSource::Static(pods) => pods.snapshot(),
+        }
+    }
+
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        match self {
+            PodSource::Kubernetes(pods) => pods.changes(),
+            PodSource::Static(pods) => pods.changes(),
         }
     }
 }

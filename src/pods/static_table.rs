@@ -7,9 +7,11 @@ use std::sync::Arc;
 use super::{Annotations, Pod, PodLookup, StaticPod};
 use crate::policy::NamespacePolicy;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct StaticPods {
     by_ip: HashMap<IpAddr, Arc<Pod>>,
+    /// Never changes: the table is fixed for the life of the process.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl StaticPods {
@@ -32,12 +34,10 @@ impl StaticPods {
                 (entry.ip.to_canonical(), Arc::new(pod))
             })
             .collect();
-        StaticPods { by_ip }
-    }
-
-    /// Every pod in the table.
-    pub fn pods(&self) -> impl Iterator<Item = &Arc<Pod>> {
-        self.by_ip.values()
+        StaticPods {
+            by_ip,
+            changes: tokio::sync::watch::Sender::new(0),
+        }
     }
 }
 
@@ -53,5 +53,13 @@ impl PodLookup for StaticPods {
 
     fn ready(&self) -> bool {
         true
+    }
+
+    fn snapshot(&self) -> Vec<Arc<Pod>> {
+        self.by_ip.values().cloned().collect()
+    }
+
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 }

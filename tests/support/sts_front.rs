@@ -1,6 +1,7 @@
 //! A front for moto's STS that counts AssumeRole calls per role and plays the parts moto
 //! cannot: it refuses roles whose ARN contains `denied` (403 AccessDenied, as STS answers) and
-//! answers roles containing `slow` only after a delay. Everything else is passed to moto as is.
+//! answers roles containing `slow` or `stall` only after a delay. Everything else is passed to
+//! moto as is.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,11 +19,30 @@ use super::server;
 
 /// How long a `slow` role's AssumeRole is held back.
 pub const SLOW: Duration = Duration::from_millis(1500);
+/// How long a `stall` role's AssumeRole is held back: longer than any test waits.
+pub const STALL: Duration = Duration::from_secs(10);
+
+/// Trouble the front can put STS in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// 503 ServiceUnavailable.
+    ServerError,
+    /// 400 Throttling, as STS answers when over its rate.
+    Throttling,
+}
+
+#[derive(Default)]
+struct Record {
+    calls: HashMap<String, usize>,
+    times: Vec<std::time::Instant>,
+    forms: Vec<HashMap<String, String>>,
+    fault: Option<Fault>,
+}
 
 #[derive(Clone)]
 pub struct StsFront {
     pub addr: SocketAddr,
-    calls: Arc<Mutex<HashMap<String, usize>>>,
+    record: Arc<Mutex<Record>>,
 }
 
 impl StsFront {
@@ -32,23 +52,39 @@ impl StsFront {
 
     /// AssumeRole calls seen for roles whose ARN ends with `/{role}`.
     pub fn assume_role_calls(&self, role: &str) -> usize {
-        let calls = self.calls.lock().expect("calls");
-        calls
+        let record = self.record.lock().expect("record");
+        record
+            .calls
             .iter()
             .filter(|(arn, _)| arn.ends_with(&format!("/{role}")))
             .map(|(_, n)| n)
             .sum()
     }
+
+    /// When each AssumeRole call arrived.
+    pub fn call_times(&self) -> Vec<std::time::Instant> {
+        self.record.lock().expect("record").times.clone()
+    }
+
+    /// The parameters of every AssumeRole call.
+    pub fn forms(&self) -> Vec<HashMap<String, String>> {
+        self.record.lock().expect("record").forms.clone()
+    }
+
+    /// Puts STS in trouble (or out of it, with `None`).
+    pub fn set_fault(&self, fault: Option<Fault>) {
+        self.record.lock().expect("record").fault = fault;
+    }
 }
 
 /// Starts a front for `moto` listening on `bind`.
 pub fn start(bind: SocketAddr, moto: SocketAddr) -> StsFront {
-    let calls: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
-    let counted = calls.clone();
+    let record: Arc<Mutex<Record>> = Arc::default();
+    let counted = record.clone();
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build(HttpConnector::new());
     let addr = server::spawn(bind, move |request: Request<hyper::body::Incoming>| {
-        let calls = counted.clone();
+        let record = counted.clone();
         let client = client.clone();
         async move {
             let (mut parts, body) = request.into_parts();
@@ -60,12 +96,30 @@ pub fn start(bind: SocketAddr, moto: SocketAddr) -> StsFront {
             let form: HashMap<String, String> = url_decode_form(&body);
             if form.get("Action").map(String::as_str) == Some("AssumeRole") {
                 let arn = form.get("RoleArn").cloned().unwrap_or_default();
-                *calls.lock().expect("calls").entry(arn.clone()).or_default() += 1;
+                let fault = {
+                    let mut record = record.lock().expect("record");
+                    *record.calls.entry(arn.clone()).or_default() += 1;
+                    record.times.push(std::time::Instant::now());
+                    record.forms.push(form.clone());
+                    record.fault
+                };
+                match fault {
+                    Some(Fault::ServerError) => {
+                        return sts_error(503, "ServiceUnavailable", "Service is unavailable");
+                    }
+                    Some(Fault::Throttling) => {
+                        return sts_error(400, "Throttling", "Rate exceeded");
+                    }
+                    None => {}
+                }
                 if arn.contains("denied") {
                     return access_denied(&arn);
                 }
                 if arn.contains("slow") {
                     tokio::time::sleep(SLOW).await;
+                }
+                if arn.contains("stall") {
+                    tokio::time::sleep(STALL).await;
                 }
             }
             let uri = format!(
@@ -92,7 +146,16 @@ pub fn start(bind: SocketAddr, moto: SocketAddr) -> StsFront {
             }
         }
     });
-    StsFront { addr, calls }
+    StsFront { addr, record }
+}
+
+fn sts_error(status: u16, code: &str, message: &str) -> Response<Full<Bytes>> {
+    let body = format!(
+        "<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\
+         <Error><Type>Sender</Type><Code>{code}</Code><Message>{message}</Message></Error>\
+         <RequestId>c6104cbe-af31-11e0-8154-cbc7ccf896c7</RequestId></ErrorResponse>"
+    );
+    server::reply(status, "text/xml", body)
 }
 
 fn access_denied(arn: &str) -> Response<Full<Bytes>> {

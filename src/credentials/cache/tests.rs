@@ -1,0 +1,273 @@
+//! The cache's guarantees with paused tokio time: the wall clock ([`TokioClock`]) moves only
+//! when the test lets time pass, and the background tasks run on that same time.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::*;
+use crate::clock::TokioClock;
+use crate::credentials::Trouble;
+use crate::policy::{RoleArn, SessionName};
+
+const HOUR: Duration = Duration::from_secs(3600);
+const MINUTE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    Grant,
+    Outage,
+    Refuse,
+}
+
+#[derive(Clone)]
+struct FakeSts {
+    clock: TokioClock,
+    mode: Arc<Mutex<Mode>>,
+    calls: Arc<AtomicUsize>,
+    times: Arc<Mutex<Vec<tokio::time::Instant>>>,
+}
+
+impl FakeSts {
+    fn new(clock: TokioClock) -> FakeSts {
+        FakeSts {
+            clock,
+            mode: Arc::new(Mutex::new(Mode::Grant)),
+            calls: Arc::default(),
+            times: Arc::default(),
+        }
+    }
+
+    fn set(&self, mode: Mode) {
+        *self.mode.lock().expect("mode") = mode;
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl CredentialSource for FakeSts {
+    async fn assume_role(&self, request: &AssumeRoleRequest) -> Result<Credentials, Error> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        self.times
+            .lock()
+            .expect("times")
+            .push(tokio::time::Instant::now());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mode = *self.mode.lock().expect("mode");
+        let now = self.clock.now();
+        match mode {
+            Mode::Grant => Ok(Credentials {
+                access_key_id: format!("AKID{n}"),
+                secret_access_key: "secret".into(),
+                session_token: "token".into(),
+                expiration: now + HOUR,
+                last_updated: now,
+            }),
+            Mode::Outage => Err(Error::Unavailable {
+                role_arn: request.role_arn.clone(),
+                kind: Trouble::ServerError,
+                message: "503".into(),
+            }),
+            Mode::Refuse => Err(Error::Refused {
+                role_arn: request.role_arn.clone(),
+                message: "AccessDenied".into(),
+            }),
+        }
+    }
+}
+
+fn key(role: &str) -> AssumeRoleRequest {
+    AssumeRoleRequest {
+        role_arn: RoleArn::parse(&format!("arn:aws:iam::123456789012:role/{role}")).expect("arn"),
+        session_name: SessionName::sanitize("shop.web"),
+        external_id: None,
+        tags: Vec::new(),
+    }
+}
+
+fn cache() -> (Cache<FakeSts, TokioClock>, FakeSts, TokioClock, Metrics) {
+    let clock = TokioClock::default();
+    let sts = FakeSts::new(clock);
+    let metrics = Metrics::default();
+    let cache = Cache::new(
+        sts.clone(),
+        clock,
+        30 * MINUTE,
+        RateLimiter::new(1000.0, 1000),
+        metrics.clone(),
+    );
+    (cache, sts, clock, metrics)
+}
+
+fn wanted(keys: &[AssumeRoleRequest]) -> HashSet<AssumeRoleRequest> {
+    keys.iter().cloned().collect()
+}
+
+fn metric(metrics: &Metrics, series: &str) -> f64 {
+    metrics
+        .encode()
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wanted_key_is_fetched_before_anyone_asks() {
+    let (cache, sts, _, metrics) = cache();
+    cache.sync(&wanted(&[key("web")]));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(sts.calls(), 1, "prefetched");
+    cache.get(&key("web")).await.expect("credentials");
+    assert_eq!(sts.calls(), 1, "the first request was a hit");
+    assert_eq!(
+        metric(&metrics, "iamlet_credential_cache_misses_total"),
+        0.0
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_misses_make_one_call() {
+    let (cache, sts, _, _) = cache();
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.get(&key("web")).await })
+        })
+        .collect();
+    let mut ids = HashSet::new();
+    for task in tasks {
+        ids.insert(
+            task.await
+                .expect("task")
+                .expect("credentials")
+                .access_key_id,
+        );
+    }
+    assert_eq!(ids.len(), 1);
+    assert_eq!(sts.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn served_credentials_always_keep_the_refresh_margin() {
+    let (cache, sts, clock, metrics) = cache();
+    cache.sync(&wanted(&[key("web")]));
+    for _ in 0..(6 * 60) {
+        tokio::time::sleep(MINUTE).await;
+        let served = cache.get(&key("web")).await.expect("credentials");
+        assert!(
+            served.remaining(clock.now()) > 30 * MINUTE,
+            "served with {:?} left",
+            served.remaining(clock.now())
+        );
+    }
+    // Six hours of one-hour sessions refreshed 27-30 minutes in: 12 to 14 calls, all ahead.
+    assert!((12..=15).contains(&sts.calls()), "{} calls", sts.calls());
+    assert_eq!(
+        metric(&metrics, "iamlet_credential_cache_misses_total"),
+        0.0,
+        "a request waited for STS"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn refreshes_of_keys_fetched_together_spread_out() {
+    let (cache, sts, _, _) = cache();
+    let keys: Vec<_> = (0..20).map(|i| key(&format!("role-{i}"))).collect();
+    let started = tokio::time::Instant::now();
+    cache.sync(&wanted(&keys));
+    tokio::time::sleep(31 * MINUTE).await;
+    let times = sts.times.lock().expect("times").clone();
+    let refreshes: Vec<Duration> = times
+        .iter()
+        .skip(20)
+        .map(|t| t.duration_since(started))
+        .collect();
+    assert_eq!(refreshes.len(), 20, "every key refreshed once");
+    let (first, last) = (
+        refreshes.iter().min().expect("min"),
+        refreshes.iter().max().expect("max"),
+    );
+    assert!(
+        *first >= 26 * MINUTE && *last <= 31 * MINUTE,
+        "{first:?}..{last:?}"
+    );
+    assert!(
+        *last - *first > Duration::from_secs(30),
+        "no spread: {first:?}..{last:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_sts_outage_serves_the_last_good_credentials_until_they_expire() {
+    let (cache, sts, clock, metrics) = cache();
+    cache.sync(&wanted(&[key("web")]));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let good = cache.get(&key("web")).await.expect("credentials");
+    sts.set(Mode::Outage);
+    let calls_before = sts.calls();
+    // Through the refresh window and up to expiry, the same credentials.
+    while good.remaining(clock.now()) > MINUTE {
+        tokio::time::sleep(MINUTE).await;
+        let served = cache.get(&key("web")).await.expect("still served");
+        assert_eq!(served.access_key_id, good.access_key_id);
+    }
+    let retries = sts.calls() - calls_before;
+    assert!(retries > 3, "STS was not retried ({retries})");
+    assert!(retries < 90, "STS was hammered ({retries} calls)");
+    assert!(metric(&metrics, "iamlet_credential_stale_served_total") > 0.0);
+    // Once they truly expire, nothing rather than expired keys.
+    tokio::time::sleep(2 * MINUTE).await;
+    assert!(matches!(
+        cache.get(&key("web")).await,
+        Err(Error::Unavailable { .. })
+    ));
+    // STS is back: the background retry brings fresh credentials within the backoff.
+    sts.set(Mode::Grant);
+    tokio::time::sleep(BACKOFF_MAX + MINUTE).await;
+    let fresh = cache.get(&key("web")).await.expect("fresh");
+    assert!(fresh.remaining(clock.now()) > 30 * MINUTE);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_is_not_retried_until_pods_or_policy_change() {
+    let (cache, sts, _, _) = cache();
+    sts.set(Mode::Refuse);
+    assert!(matches!(
+        cache.get(&key("web")).await,
+        Err(Error::Refused { .. })
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let calls = sts.calls();
+    for _ in 0..5 {
+        assert!(matches!(
+            cache.get(&key("web")).await,
+            Err(Error::Refused { .. })
+        ));
+        tokio::time::sleep(10 * MINUTE).await;
+    }
+    assert_eq!(sts.calls(), calls, "a refusal was retried without a change");
+    sts.set(Mode::Grant);
+    cache.sync(&wanted(&[key("web")]));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(sts.calls(), calls + 1);
+    cache
+        .get(&key("web"))
+        .await
+        .expect("granted after the change");
+}
+
+#[tokio::test(start_paused = true)]
+async fn keys_no_pod_wants_are_evicted_and_stop_refreshing() {
+    let (cache, sts, _, metrics) = cache();
+    cache.sync(&wanted(&[key("web"), key("batch")]));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(metric(&metrics, "iamlet_credential_cache_entries"), 2.0);
+    cache.sync(&wanted(&[key("web")]));
+    assert_eq!(metric(&metrics, "iamlet_credential_cache_entries"), 1.0);
+    let calls = sts.calls();
+    tokio::time::sleep(3 * HOUR).await;
+    // Only "web" kept refreshing: about six refreshes in three hours, none for "batch".
+    let refreshes = sts.calls() - calls;
+    assert!((5..=7).contains(&refreshes), "{refreshes} refreshes");
+}
