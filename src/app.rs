@@ -7,26 +7,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_config::BehaviorVersion;
-use aws_config::timeout::TimeoutConfig;
-use aws_sdk_sts::config::Region;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin;
-use crate::broker::{Broker, Standalone};
-use crate::clock::SystemClock;
+use crate::broker::Broker;
 use crate::config::Config;
-use crate::credentials::{Cache, RateLimiter, StsSource};
 use crate::http_server::Limits;
 use crate::imds::{self, TokenKey, Upstream};
 use crate::iptables::{self, Interception};
 use crate::metrics::Metrics;
-use crate::pods::events::{DenialSender, Denied};
-use crate::pods::{self, KubernetesPods, PodIndex, PodSource, StaticPods};
-use crate::policy::{BaseRoleArn, Policy};
+use crate::mode::{Mode, Tasks};
+use crate::policy::BaseRoleArn;
 
 /// How long iamlet waits on the node's IMDS for proxied paths and start-up autodetection.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
@@ -53,6 +47,8 @@ pub enum BuildError {
         "pods.node_name is empty and NODE_NAME is not set: iamlet must know which node's pods to serve"
     )]
     NoNodeName,
+    #[error("kiam: {0}")]
+    Kiam(String),
     #[error("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG): {0}")]
     Kubernetes(String),
     #[error("cannot install the interception rule: {0}")]
@@ -65,24 +61,14 @@ pub enum RunError {
     TaskExited { task: &'static str, detail: String },
 }
 
-type StandaloneBroker = Standalone<PodSource, StsSource, SystemClock>;
-
-/// What the Kubernetes source runs beside the servers.
-struct KubernetesTasks {
-    client: kube::Client,
-    node: String,
-    index: Arc<PodIndex>,
-    denials: mpsc::Receiver<Denied>,
-}
-
 pub struct App {
     imds_listener: TcpListener,
     admin_listener: TcpListener,
-    state: Arc<imds::State<StandaloneBroker>>,
+    state: Arc<imds::State<Mode>>,
     metrics: Metrics,
     limits: Limits,
     interception: Option<(Interception, iptables::Config)>,
-    kubernetes: Option<KubernetesTasks>,
+    tasks: Tasks,
 }
 
 impl App {
@@ -105,25 +91,7 @@ impl App {
         );
 
         let metrics = Metrics::default();
-        let sts = sts_client(&config).await?;
-        let source = StsSource::new(sts, config.credentials.session_duration, metrics.clone());
-        let limiter = RateLimiter::new(config.credentials.sts_qps, config.credentials.sts_burst);
-        let cache = Cache::new(
-            source,
-            SystemClock,
-            config.credentials.refresh_before,
-            limiter,
-            metrics.clone(),
-        );
-        let (pods, kubernetes, denials) = pod_source(&config).await?;
-        let policy = Policy {
-            base_role_arn,
-            default_role: Some(config.policy.default_role.clone()).filter(|r| !r.is_empty()),
-            allow_unannotated_namespaces: config.policy.allow_unannotated_namespaces,
-            session_name_template: config.credentials.session_name.clone(),
-            session_tags: config.credentials.session_tags,
-        };
-        let broker = Standalone::new(pods, policy, cache, metrics.clone(), denials);
+        let (broker, tasks) = Mode::build(&config, base_role_arn, &metrics).await?;
         let state = Arc::new(imds::State {
             broker,
             tokens,
@@ -149,7 +117,7 @@ impl App {
             None
         };
         Ok(App {
-            kubernetes,
+            tasks,
             interception,
             imds_listener,
             admin_listener,
@@ -181,8 +149,7 @@ impl App {
 
         let state = self.state.clone();
         let readiness: admin::Readiness = Arc::new(move || {
-            (!state.broker.ready())
-                .then(|| "the lists of pods and namespaces have not been received yet".to_owned())
+            (!state.broker.ready()).then(|| state.broker.not_ready_reason().to_owned())
         });
         let servers = [
             (
@@ -216,23 +183,7 @@ impl App {
                 let _ = exited.send((task, detail)).await;
             });
         }
-        let prefetcher = self.state.clone();
-        let stop = cancel.clone();
-        tracker.spawn(async move { prefetcher.broker.follow_pods(stop).await });
-        if let Some(kubernetes) = self.kubernetes {
-            tracker.spawn(pods::watch::run(
-                kubernetes.client.clone(),
-                kubernetes.node.clone(),
-                kubernetes.index,
-                cancel.clone(),
-            ));
-            tracker.spawn(pods::events::run(
-                kubernetes.client,
-                kubernetes.node,
-                kubernetes.denials,
-                cancel.clone(),
-            ));
-        }
+        self.tasks.spawn(&self.state, &tracker, &cancel);
         if let Some((rule, config)) = self.interception.clone() {
             tracker.spawn(reconcile(rule, config.reconcile_interval, cancel.clone()));
         }
@@ -292,46 +243,6 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|err| std::panic::resume_unwind(err.into_panic()))
 }
 
-/// The configured pod source; for Kubernetes also what must run beside the servers, and the
-/// channel for denial Events.
-async fn pod_source(
-    config: &Config,
-) -> Result<(PodSource, Option<KubernetesTasks>, Option<DenialSender>), BuildError> {
-    match config.pods.source {
-        pods::Source::Static => {
-            tracing::info!(
-                pods = config.pods.static_pods.len(),
-                "serving the static pod table"
-            );
-            let pods = PodSource::Static(StaticPods::new(&config.pods.static_pods));
-            Ok((pods, None, None))
-        }
-        pods::Source::Kubernetes => {
-            if config.pods.node_name.trim().is_empty() {
-                return Err(BuildError::NoNodeName);
-            }
-            let client = kube::Client::try_default()
-                .await
-                .map_err(|err| BuildError::Kubernetes(err.to_string()))?;
-            let node = config.pods.node_name.clone();
-            tracing::info!(node = node.as_str(), "watching this node's pods");
-            let index = Arc::new(PodIndex::default());
-            let pods = PodSource::Kubernetes(KubernetesPods {
-                index: index.clone(),
-                wait_for_pod: config.pods.wait_for_pod,
-            });
-            let (sender, denials) = mpsc::channel(256);
-            let tasks = KubernetesTasks {
-                client,
-                node,
-                index,
-                denials,
-            };
-            Ok((pods, Some(tasks), Some(sender)))
-        }
-    }
-}
-
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, BuildError> {
     let listener = TcpListener::bind(addr)
         .await
@@ -358,29 +269,4 @@ async fn base_role_arn(config: &Config, upstream: &Upstream) -> Result<BaseRoleA
         .map_err(|err| BuildError::BaseRoleArn(err.to_string()))?;
     BaseRoleArn::from_instance_profile(&profile)
         .map_err(|err| BuildError::BaseRoleArn(err.to_string()))
-}
-
-async fn sts_client(config: &Config) -> Result<aws_sdk_sts::Client, BuildError> {
-    use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
-    let http_client = aws_smithy_http_client::Builder::new()
-        .tls_provider(Provider::Rustls(CryptoMode::Ring))
-        .build_https();
-    let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http_client);
-    if !config.aws.region.is_empty() {
-        loader = loader.region(Region::new(config.aws.region.clone()));
-    }
-    let shared = loader.load().await;
-    if shared.region().is_none() {
-        return Err(BuildError::NoRegion);
-    }
-    let timeouts = TimeoutConfig::builder()
-        .connect_timeout(Duration::from_secs(2))
-        .operation_attempt_timeout(Duration::from_secs(5))
-        .operation_timeout(Duration::from_secs(15))
-        .build();
-    let mut sts = aws_sdk_sts::config::Builder::from(&shared).timeout_config(timeouts);
-    if !config.aws.sts_endpoint.is_empty() {
-        sts = sts.endpoint_url(&config.aws.sts_endpoint);
-    }
-    Ok(aws_sdk_sts::Client::from_conf(sts.build()))
 }

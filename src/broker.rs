@@ -43,6 +43,9 @@ pub enum Error {
     WrongRole { pod: String, requested: String },
     #[error(transparent)]
     Credentials(#[from] credentials::Error),
+    /// What answers for pods (the kiam server) could not be asked.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 pub trait Broker: Send + Sync + 'static {

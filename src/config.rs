@@ -12,7 +12,7 @@ use figment::providers::{Format, Serialized, Toml};
 use figment::value::{Dict, Value};
 use serde::{Deserialize, Serialize};
 
-use crate::{admin, credentials, imds, iptables, pods, policy, telemetry};
+use crate::{admin, credentials, imds, iptables, kiam, pods, policy, telemetry};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -24,7 +24,7 @@ pub struct Config {
     pub policy: policy::Config,
     pub credentials: credentials::Config,
     pub iptables: iptables::Config,
-    pub kiam: KiamConfig,
+    pub kiam: kiam::Config,
     pub log: telemetry::Config,
 }
 
@@ -39,16 +39,6 @@ pub struct AwsConfig {
     /// `arn:<partition>:iam::<account>:role/`, prefixed to role names that are not full ARNs;
     /// empty = derived at start-up from the node's IMDS `iam/info`.
     pub base_role_arn: String,
-}
-
-/// The `[kiam]` section (server-backed mode; not in this build yet).
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct KiamConfig {
-    pub server: String,
-    pub cert: String,
-    pub key: String,
-    pub ca: String,
 }
 
 /// A configuration error, naming the key at fault.
@@ -169,12 +159,7 @@ impl Config {
         self.validate_credentials()?;
         telemetry::filter(&self.log.level).map_err(|err| ConfigError::new("log.level", err))?;
         self.validate_iptables()?;
-        if !self.kiam.server.is_empty() {
-            return Err(ConfigError::new(
-                "kiam.server",
-                "server-backed mode is not available in this build yet",
-            ));
-        }
+        self.validate_kiam()?;
         Ok(())
     }
 
@@ -198,6 +183,34 @@ impl Config {
             return Err(ConfigError::new("imds.token_key_file", "must not be empty"));
         }
         Ok(())
+    }
+
+    fn validate_kiam(&self) -> Result<(), ConfigError> {
+        let kiam = &self.kiam;
+        if !kiam.enabled() {
+            return Ok(());
+        }
+        if kiam.host_port().is_none() {
+            return Err(ConfigError::new(
+                "kiam.server",
+                format!("{:?} is not host:port", kiam.server),
+            ));
+        }
+        for (key, path) in [
+            ("kiam.cert", &kiam.cert),
+            ("kiam.key", &kiam.key),
+            ("kiam.ca", &kiam.ca),
+        ] {
+            if path.as_os_str().is_empty() {
+                return Err(ConfigError::new(
+                    key,
+                    "must be set with kiam.server (mutual TLS)",
+                ));
+            }
+        }
+        positive("kiam.request_deadline", kiam.request_deadline)?;
+        positive("kiam.resolve_interval", kiam.resolve_interval)?;
+        positive("kiam.reload_interval", kiam.reload_interval)
     }
 
     fn validate_iptables(&self) -> Result<(), ConfigError> {
@@ -465,7 +478,8 @@ mod tests {
                 "credentials.session_name",
             ),
             ("[log]\nformat = \"xml\"", "log.format"),
-            ("[kiam]\nserver = \"kiam:443\"", "kiam.server"),
+            ("[kiam]\nserver = \"kiam\"", "kiam.server"),
+            ("[kiam]\nserver = \"kiam:443\"", "kiam.cert"),
             (
                 "[iptables]\nhost_interface = \"eth0 eth1\"",
                 "iptables.host_interface",

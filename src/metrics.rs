@@ -43,6 +43,19 @@ struct Inner {
     stale_served: Counter,
     served_remaining: Histogram,
     cache_entries: prometheus_client::metrics::gauge::Gauge,
+    kiam_calls: Family<CallLabels, Counter>,
+    kiam_duration: HistogramFamily<MethodLabels>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    method: &'static str,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -144,7 +157,22 @@ impl Default for Metrics {
             "Identities (role, session name, external id, tags) cached",
             cache_entries.clone(),
         );
+        let kiam_calls = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "kiam_calls",
+            "Calls (attempts) to the kiam server, by method and gRPC code",
+            kiam_calls.clone(),
+        );
+        let kiam_duration: HistogramFamily<MethodLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "kiam_call_duration_seconds",
+            "Time taken by one call (attempt) to the kiam server, by method",
+            kiam_duration.clone(),
+        );
         Metrics(Arc::new(Inner {
+            kiam_calls,
+            kiam_duration,
             cache_hits,
             cache_misses,
             refreshes,
@@ -218,6 +246,17 @@ impl Metrics {
         self.0
             .cache_entries
             .set(i64::try_from(entries).unwrap_or(i64::MAX));
+    }
+
+    pub fn observe_kiam_call(&self, method: &'static str, code: &'static str, elapsed: Duration) {
+        self.0
+            .kiam_calls
+            .get_or_create(&CallLabels { method, code })
+            .inc();
+        self.0
+            .kiam_duration
+            .get_or_create(&MethodLabels { method })
+            .observe(elapsed.as_secs_f64());
     }
 
     pub fn observe_denial(&self, reason: &'static str) {

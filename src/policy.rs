@@ -200,6 +200,8 @@ pub enum Denial {
     },
     #[error("namespace {namespace} is not known (yet)")]
     UnknownNamespace { namespace: String },
+    #[error("the kiam server's policy forbids it")]
+    ByServer,
 }
 
 impl Denial {
@@ -210,6 +212,7 @@ impl Denial {
             Denial::NotPermitted { .. } => "not_permitted",
             Denial::InvalidPattern { .. } => "invalid_pattern",
             Denial::UnknownNamespace { .. } => "unknown_namespace",
+            Denial::ByServer => "server",
         }
     }
 }

@@ -297,6 +297,13 @@ fn broker_error(err: broker::Error) -> Outcome {
                 document::unauthorized(message, SystemTime::now()),
             )
         }
+        Error::Unavailable(ref message) => {
+            tracing::warn!(error = %message, "no answer for a pod");
+            Outcome::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "iamlet: credentials are temporarily unavailable\n",
+            )
+        }
         Error::Credentials(ref source @ credentials::Error::Unavailable { .. }) => {
             tracing::warn!(error = %source, "no credentials: STS unavailable");
             Outcome::text(

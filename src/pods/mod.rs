@@ -98,9 +98,14 @@ pub struct Annotations {
 }
 
 impl Pod {
-    /// `namespace/name`, for logs.
+    /// `namespace/name` for logs; the name alone where the namespace is not known (in
+    /// server-backed mode, a pod is known only by its IP).
     pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+        if self.namespace.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{}/{}", self.namespace, self.name)
+        }
     }
 }
 
