@@ -4,11 +4,13 @@
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
 pub mod apiserver;
+pub mod fake_kiam;
 pub mod fake_kube;
 pub mod http;
 pub mod iamlet;
 pub mod moto;
 pub mod netns;
+pub mod pki;
 pub mod rust_sdk;
 pub mod server;
 pub mod sts_front;

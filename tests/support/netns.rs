@@ -99,11 +99,25 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Gives the namespace its own /etc/hosts (`ip netns exec` bind-mounts it over /etc/hosts).
+    pub fn hosts(&self, lines: &str) {
+        let dir = format!("/etc/netns/{}", self.name);
+        std::fs::create_dir_all(&dir).expect("netns etc");
+        std::fs::write(
+            format!("{dir}/hosts"),
+            format!("127.0.0.1 localhost\n{lines}"),
+        )
+        .expect("hosts");
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .output();
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.name));
     }
 }
 
@@ -165,6 +179,23 @@ impl PodNet {
 
     pub fn run(&self, program: &Path, args: &[&str], env: &[(&str, String)]) -> Output {
         self.ns.run(program, args, env)
+    }
+
+    /// Adds another address on the host side, reachable from the pod through its default route.
+    pub fn add_host_address(&self, address: Ipv4Addr) {
+        let mut args = Vec::new();
+        if let Some(node) = &self.host_ns {
+            args.extend(["-n", node.as_str()]);
+        }
+        let address = format!("{address}/32");
+        args.extend([
+            "addr",
+            "add",
+            address.as_str(),
+            "dev",
+            self.host_if.as_str(),
+        ]);
+        ip(&args);
     }
 
     pub fn enter<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {

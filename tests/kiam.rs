@@ -1,0 +1,411 @@
+//! Server-backed mode against a fake kiam server (tonic, mutual TLS, certificates made here):
+//! the happy path with a real SDK, policy refusals, retries within the deadline, a server that
+//! starts late or restarts, certificate rotation, certificates that must be refused, and
+//! balancing over every address behind the server name.
+
+mod support;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use support::fake_kiam::{Answer, FakeKiam, Script, ServerTls};
+use support::http::{get, ip};
+use support::iamlet::{Iamlet, Setup};
+use support::pki::Ca;
+use support::{moto, rust_sdk};
+
+const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
+
+/// A CA, the client certificate iamlet presents, and the files iamlet reads them from.
+struct Pki {
+    ca: Ca,
+    dir: tempfile::TempDir,
+    client_der: Vec<u8>,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let ca = Ca::new("kiam-test-ca");
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("ca");
+        let mut pki = Pki {
+            ca,
+            dir,
+            client_der: Vec::new(),
+        };
+        pki.rotate_client("iamlet-agent-1");
+        pki
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes a new client certificate and key, as cert-manager would on rotation.
+    fn rotate_client(&mut self, name: &str) {
+        let client = self.ca.client(name);
+        // Key first, then certificate: a reader between the two sees a mismatch and retries.
+        std::fs::write(self.path("client.key"), client.key_pem).expect("key");
+        std::fs::write(self.path("client.pem"), client.cert_pem).expect("cert");
+        self.client_der = client.der;
+    }
+
+    fn server_tls(&self, ca: &Ca, names: &[&str]) -> ServerTls {
+        let server = ca.server(names);
+        ServerTls {
+            cert_pem: server.cert_pem,
+            key_pem: server.key_pem,
+            client_ca_pem: self.ca.pem(),
+        }
+    }
+
+    fn kiam_section(&self, server: &str, deadline: &str) -> String {
+        format!(
+            "[kiam]\nserver = \"{server}\"\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n\
+             request_deadline = \"{deadline}\"\nreload_interval = \"200ms\"\nresolve_interval = \"1s\"\n",
+            self.path("client.pem").display(),
+            self.path("client.key").display(),
+            self.path("ca.pem").display(),
+        )
+    }
+}
+
+fn start_iamlet(dir: &std::path::Path, kiam: String, netns: Option<String>) -> Iamlet {
+    let setup = Setup {
+        imds_listen: format!("127.0.0.1:{}", support::free_port()),
+        extra: kiam,
+        netns,
+        ..Setup::default()
+    };
+    Iamlet::start(dir, &setup)
+}
+
+async fn eventually<F: std::future::Future<Output = bool>>(what: &str, check: impl Fn() -> F) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+async fn ready(iamlet: &Iamlet) -> bool {
+    get(ip("127.0.0.1"), iamlet.admin, "/readyz", None)
+        .await
+        .status
+        == 200
+}
+
+fn localhost(port: u16) -> SocketAddr {
+    ([127, 0, 0, 1], port).into()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_sdk_gets_its_role_through_the_kiam_server() {
+    let pki = Pki::new();
+    let script = Script::default();
+    script.answer("127.0.0.1", Answer::Role("web".into()));
+    let server = FakeKiam::start(
+        localhost(0),
+        &pki.server_tls(&pki.ca, &["localhost"]),
+        script.clone(),
+        &moto::shared().url(),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let iamlet = start_iamlet(
+        dir.path(),
+        pki.kiam_section(&format!("localhost:{}", server.addr.port()), "5s"),
+        None,
+    );
+    eventually("ready once GetHealth answers", || ready(&iamlet)).await;
+
+    let imds = format!("http://{}", iamlet.imds);
+    let arn = rust_sdk::caller_identity(&imds, &moto::shared().url()).await;
+    assert_eq!(
+        arn.as_deref(),
+        Ok("arn:aws:sts::123456789012:assumed-role/web/kiam-fake")
+    );
+    // The agent's cache: more credential requests, no more GetPodCredentials.
+    for _ in 0..3 {
+        let reply = get(ip("127.0.0.1"), iamlet.imds, &format!("{CREDS}web"), None).await;
+        assert_eq!(reply.json()["Code"], "Success");
+    }
+    assert_eq!(script.count("GetPodCredentials"), 1);
+    // Every call came with the client certificate iamlet was given.
+    assert!(
+        script
+            .calls()
+            .iter()
+            .all(|c| c.client_cert.as_deref() == Some(pki.client_der.as_slice()))
+    );
+    assert!(
+        iamlet
+            .metric("iamlet_kiam_calls_total{method=\"GetPodRole\",code=\"ok\"}")
+            .await
+            >= 1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forbidden_is_final_and_no_pod_is_retried_within_the_deadline() {
+    let pki = Pki::new();
+    let script = Script::default();
+    script.answer("127.0.0.5", Answer::Forbidden);
+    script.answer(
+        "127.0.0.6",
+        Answer::NoPodUntil(Instant::now() + Duration::from_secs(3), "web".into()),
+    );
+    let server = FakeKiam::start(
+        localhost(0),
+        &pki.server_tls(&pki.ca, &["localhost"]),
+        script.clone(),
+        &moto::shared().url(),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let iamlet = start_iamlet(
+        dir.path(),
+        pki.kiam_section(&format!("localhost:{}", server.addr.port()), "1s"),
+        None,
+    );
+    eventually("ready", || ready(&iamlet)).await;
+    let calls_for = |ip: &str| script.calls().iter().filter(|c| c.ip == ip).count();
+
+    let denied = get(ip("127.0.0.5"), iamlet.imds, CREDS, None).await;
+    assert_eq!(
+        (denied.status, denied.body.trim()),
+        (404, "iamlet: forbidden by policy")
+    );
+    assert_eq!(calls_for("127.0.0.5"), 1, "forbidden was retried");
+
+    // Unknown for longer than the deadline: retried, then 404.
+    let unknown = get(ip("127.0.0.6"), iamlet.imds, CREDS, None).await;
+    assert_eq!(unknown.status, 404);
+    assert!(calls_for("127.0.0.6") > 2, "no pod found was not retried");
+    // Known within the deadline: found.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let found = get(ip("127.0.0.6"), iamlet.imds, CREDS, None).await;
+    assert_eq!((found.status, found.body.as_str()), (200, "web"));
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_starts_late_or_restarts_is_followed() {
+    let pki = Pki::new();
+    let script = Script::default();
+    script.answer("127.0.0.1", Answer::Role("web".into()));
+    let port = support::free_port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // No server yet: iamlet starts anyway and says it is not ready.
+    let iamlet = start_iamlet(
+        dir.path(),
+        pki.kiam_section(&format!("localhost:{port}"), "1s"),
+        None,
+    );
+    let reply = get(ip("127.0.0.1"), iamlet.admin, "/readyz", None).await;
+    assert_eq!(reply.status, 503);
+    assert!(reply.body.contains("kiam"), "{}", reply.body);
+    assert_eq!(
+        get(ip("127.0.0.1"), iamlet.imds, CREDS, None).await.status,
+        503
+    );
+
+    let tls = pki.server_tls(&pki.ca, &["localhost"]);
+    let server = FakeKiam::start(localhost(port), &tls, script.clone(), &moto::shared().url());
+    eventually("ready once the server is up", || ready(&iamlet)).await;
+    assert_eq!(
+        get(ip("127.0.0.1"), iamlet.imds, CREDS, None).await.body,
+        "web"
+    );
+
+    server.stop();
+    eventually("not ready while it is down", || async {
+        !ready(&iamlet).await
+    })
+    .await;
+    let server = FakeKiam::start(localhost(port), &tls, script.clone(), &moto::shared().url());
+    eventually("served again after the restart", || async {
+        get(ip("127.0.0.1"), iamlet.imds, CREDS, None).await.body == "web"
+    })
+    .await;
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotated_client_certificate_is_used_without_a_restart() {
+    let mut pki = Pki::new();
+    let script = Script::default();
+    script.answer("127.0.0.1", Answer::Role("web".into()));
+    let server = FakeKiam::start(
+        localhost(0),
+        &pki.server_tls(&pki.ca, &["localhost"]),
+        script.clone(),
+        &moto::shared().url(),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let iamlet = start_iamlet(
+        dir.path(),
+        pki.kiam_section(&format!("localhost:{}", server.addr.port()), "5s"),
+        None,
+    );
+    eventually("ready", || ready(&iamlet)).await;
+    let first = pki.client_der.clone();
+    pki.rotate_client("iamlet-agent-2");
+    let second = pki.client_der.clone();
+    eventually("a call with the rotated certificate", || async {
+        get(ip("127.0.0.1"), iamlet.imds, CREDS, None).await;
+        script
+            .calls()
+            .iter()
+            .any(|c| c.client_cert.as_deref() == Some(second.as_slice()))
+    })
+    .await;
+    assert_ne!(first, second);
+    assert!(iamlet.log().contains("kiam certificates changed"));
+}
+
+/// iamlet must refuse a server whose certificate does not check out: it never becomes ready,
+/// and no call reaches the server's handlers.
+async fn refused_server(server_tls: ServerTls, pki: &Pki) {
+    let script = Script::default();
+    script.answer("127.0.0.1", Answer::Role("web".into()));
+    let server = FakeKiam::start(
+        localhost(0),
+        &server_tls,
+        script.clone(),
+        &moto::shared().url(),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let iamlet = start_iamlet(
+        dir.path(),
+        pki.kiam_section(&format!("localhost:{}", server.addr.port()), "1s"),
+        None,
+    );
+    let reply = get(ip("127.0.0.1"), iamlet.imds, CREDS, None).await;
+    assert_eq!(reply.status, 503, "{reply:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!ready(&iamlet).await);
+    assert!(
+        script.calls().is_empty(),
+        "a call got through: {:?}",
+        script.calls()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_certificate_from_another_ca_is_refused() {
+    let pki = Pki::new();
+    let stranger = Ca::new("someone-else");
+    refused_server(pki.server_tls(&stranger, &["localhost"]), &pki).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_certificate_for_another_name_is_refused() {
+    let pki = Pki::new();
+    refused_server(pki.server_tls(&pki.ca, &["kiam.elsewhere.example"]), &pki).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_without_a_certificate_is_refused_by_the_server() {
+    use iamlet::kiam::proto::{GetHealthRequest, kiam_service_client::KiamServiceClient};
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    let pki = Pki::new();
+    let script = Script::default();
+    let server = FakeKiam::start(
+        localhost(0),
+        &pki.server_tls(&pki.ca, &["localhost"]),
+        script.clone(),
+        &moto::shared().url(),
+    );
+    let tls = ClientTlsConfig::new()
+        .domain_name("localhost")
+        .ca_certificate(Certificate::from_pem(pki.ca.pem()));
+    let endpoint = Endpoint::from_shared(format!("https://127.0.0.1:{}", server.addr.port()))
+        .expect("endpoint")
+        .tls_config(tls)
+        .expect("tls");
+    let outcome = match endpoint.connect().await {
+        Ok(channel) => KiamServiceClient::new(channel)
+            .get_health(GetHealthRequest {})
+            .await
+            .map(|_| ())
+            .map_err(|s| s.to_string()),
+        Err(err) => Err(err.to_string()),
+    };
+    assert!(
+        outcome.is_err(),
+        "a client without a certificate was served"
+    );
+    assert!(script.calls().is_empty());
+}
+
+#[test]
+fn every_address_behind_the_server_name_is_used() {
+    require_netns!();
+    let pki = Pki::new();
+    // iamlet in a namespace of its own, where kiam.test names two addresses of this host.
+    let net = support::netns::PodNet::create();
+    let second = Ipv4Addr::new(
+        net.host_ip.octets()[0],
+        net.host_ip.octets()[1],
+        net.host_ip.octets()[2],
+        200,
+    );
+    net.add_host_address(second);
+    net.ns
+        .hosts(&format!("{} kiam.test\n{second} kiam.test\n", net.host_ip));
+    let port = support::free_port();
+    let tls = pki.server_tls(&pki.ca, &["kiam.test"]);
+    let (one, two) = (Script::default(), Script::default());
+    for script in [&one, &two] {
+        script.answer("127.0.0.1", Answer::Role("web".into()));
+    }
+    let _first = FakeKiam::start(
+        (IpAddr::V4(net.host_ip), port).into(),
+        &tls,
+        one.clone(),
+        &moto::shared().url(),
+    );
+    let _second = FakeKiam::start(
+        (IpAddr::V4(second), port).into(),
+        &tls,
+        two.clone(),
+        &moto::shared().url(),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let iamlet = start_iamlet(
+        dir.path(),
+        pki.kiam_section(&format!("kiam.test:{port}"), "5s"),
+        Some(net.ns.name.clone()),
+    );
+    let (imds, admin) = (iamlet.imds, iamlet.admin);
+    let served = net.enter(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while get(ip("127.0.0.1"), admin, "/readyz", None).await.status != 200
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let mut served = 0;
+            for _ in 0..40 {
+                if get(ip("127.0.0.1"), imds, CREDS, None).await.body == "web" {
+                    served += 1;
+                }
+            }
+            served
+        })
+    });
+    assert_eq!(served, 40);
+    let (a, b) = (one.count("GetPodRole"), two.count("GetPodRole"));
+    assert!(
+        a > 0 && b > 0,
+        "one address was never used: {a} and {b} calls"
+    );
+}
