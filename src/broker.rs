@@ -57,7 +57,7 @@ pub trait Broker: Send + Sync + 'static {
         &self,
         ip: IpAddr,
         name: &str,
-    ) -> impl Future<Output = Result<(PodRole, Credentials), Error>> + Send;
+    ) -> impl Future<Output = Result<(PodRole, Arc<Credentials>), Error>> + Send;
 
     /// Whether everything behind the broker is ready to answer (`/readyz`).
     fn ready(&self) -> bool;
@@ -170,7 +170,11 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Broker for Standalone<P, S, C>
         }
     }
 
-    async fn credentials(&self, ip: IpAddr, name: &str) -> Result<(PodRole, Credentials), Error> {
+    async fn credentials(
+        &self,
+        ip: IpAddr,
+        name: &str,
+    ) -> Result<(PodRole, Arc<Credentials>), Error> {
         let role = self.role(ip).await?;
         if role.role_arn.name() != name {
             return Err(Error::WrongRole {

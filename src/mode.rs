@@ -112,7 +112,7 @@ impl Broker for Mode {
         &self,
         ip: IpAddr,
         name: &str,
-    ) -> Result<(PodRole, Credentials), broker::Error> {
+    ) -> Result<(PodRole, Arc<Credentials>), broker::Error> {
         match self {
             Mode::Standalone(broker) => broker.credentials(ip, name).await,
             Mode::ServerBacked(broker) => broker.credentials(ip, name).await,

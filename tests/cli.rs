@@ -116,3 +116,20 @@ fn health_tells_by_its_exit_code() {
     assert_eq!(out.status.code(), Some(1));
     assert!(!text(&out.stderr).is_empty());
 }
+
+#[test]
+fn agent_that_cannot_derive_the_base_role_arn_says_which_key_to_set() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("iamlet.toml");
+    let setup = Setup {
+        // Nothing answers there: the node's IMDS cannot be asked for the account.
+        upstream: format!("http://127.0.0.1:{}", support::free_port()),
+        base_role_arn: String::new(),
+        ..Setup::default()
+    };
+    std::fs::write(&config, setup.toml(&dir.path().join("key"))).expect("write");
+    let out = iamlet(&["agent", "--config", config.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("aws.base_role_arn"), "{stderr}");
+}

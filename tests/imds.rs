@@ -600,3 +600,26 @@ async fn logs_name_the_pod_but_never_a_secret() {
         assert!(!log.contains(secret), "a secret reached the log");
     }
 }
+
+#[tokio::test]
+async fn role_names_resolve_under_the_nodes_account_when_no_base_is_set() {
+    // The fake node IMDS's instance profile is in account 210987654321.
+    let world = start(|setup| setup.base_role_arn = String::new());
+    let reply = get(
+        web0(),
+        world.iamlet.imds,
+        "/latest/meta-data/iam/info",
+        None,
+    )
+    .await;
+    assert_eq!(
+        reply.json()["InstanceProfileArn"],
+        "arn:aws:iam::210987654321:instance-profile/web"
+    );
+    assert!(
+        world
+            .iamlet
+            .log()
+            .contains("arn:aws:iam::210987654321:role/")
+    );
+}

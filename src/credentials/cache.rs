@@ -34,7 +34,7 @@ const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(120);
 
 struct State {
-    credentials: Option<Credentials>,
+    credentials: Option<Arc<Credentials>>,
     /// A refusal, and the generation it was given in.
     refused: Option<(Error, u64)>,
     failures: u32,
@@ -107,7 +107,8 @@ impl<S: CredentialSource, C: Clock> Cache<S, C> {
     }
 
     /// Credentials for `request`, for a pod waiting on them.
-    pub async fn get(&self, request: &AssumeRoleRequest) -> Result<Credentials, Error> {
+    /// Shared, not copied: a hit costs a reference count, not a copy of the token.
+    pub async fn get(&self, request: &AssumeRoleRequest) -> Result<Arc<Credentials>, Error> {
         let inner = &self.inner;
         let entry = self.entry(request);
         let mut state = entry.state.lock().await;
@@ -191,10 +192,11 @@ impl<S: CredentialSource, C: Clock> Inner<S, C> {
         &self,
         state: &mut State,
         fetched: Result<Credentials, Error>,
-    ) -> Result<Credentials, Error> {
+    ) -> Result<Arc<Credentials>, Error> {
         let now = self.clock.now();
         match fetched {
             Ok(fresh) => {
+                let fresh = Arc::new(fresh);
                 // Refresh when `refresh_before` is left, less up to 10% of the margin, so that
                 // keys fetched together do not all come due together.
                 let margin = fresh.remaining(now).saturating_sub(self.refresh_before);

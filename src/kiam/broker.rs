@@ -19,11 +19,11 @@ struct UntilRefresh {
     refresh_before: Duration,
 }
 
-impl moka::Expiry<Key, Credentials> for UntilRefresh {
+impl moka::Expiry<Key, Arc<Credentials>> for UntilRefresh {
     fn expire_after_create(
         &self,
         _key: &Key,
-        value: &Credentials,
+        value: &Arc<Credentials>,
         _now: std::time::Instant,
     ) -> Option<Duration> {
         Some(
@@ -37,7 +37,7 @@ impl moka::Expiry<Key, Credentials> for UntilRefresh {
 pub struct KiamBroker {
     client: KiamClient,
     base_role_arn: BaseRoleArn,
-    cache: moka::future::Cache<Key, Credentials>,
+    cache: moka::future::Cache<Key, Arc<Credentials>>,
 }
 
 impl KiamBroker {
@@ -93,7 +93,11 @@ impl Broker for KiamBroker {
         self.pod_role(ip).await.map(|(role, _)| role)
     }
 
-    async fn credentials(&self, ip: IpAddr, name: &str) -> Result<(PodRole, Credentials), Error> {
+    async fn credentials(
+        &self,
+        ip: IpAddr,
+        name: &str,
+    ) -> Result<(PodRole, Arc<Credentials>), Error> {
         let (role, annotated) = self.pod_role(ip).await?;
         if role.role_arn.name() != name {
             return Err(Error::WrongRole {
@@ -104,7 +108,7 @@ impl Broker for KiamBroker {
         // Ask with the role as the server stated it, as kiam agents do.
         let fetch = async {
             match self.client.pod_credentials(ip, &annotated).await {
-                Ok(answer) => to_credentials(&role.role_arn, answer),
+                Ok(answer) => to_credentials(&role.role_arn, answer).map(Arc::new),
                 Err(CallError::Forbidden) => Err(Error::Forbidden {
                     pod: role.pod.key(),
                     denial: Denial::ByServer,

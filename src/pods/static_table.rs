@@ -12,6 +12,8 @@ pub struct StaticPods {
     by_ip: HashMap<IpAddr, Arc<Pod>>,
     /// Never changes: the table is fixed for the life of the process.
     changes: tokio::sync::watch::Sender<u64>,
+    /// The operator's table is the policy.
+    unrestricted: Arc<NamespacePolicy>,
 }
 
 impl StaticPods {
@@ -37,6 +39,7 @@ impl StaticPods {
         StaticPods {
             by_ip,
             changes: tokio::sync::watch::Sender::new(0),
+            unrestricted: Arc::new(NamespacePolicy::Unrestricted),
         }
     }
 }
@@ -47,8 +50,7 @@ impl PodLookup for StaticPods {
     }
 
     fn namespace_policy(&self, _namespace: &str) -> Option<Arc<NamespacePolicy>> {
-        // The operator's table is the policy.
-        Some(Arc::new(NamespacePolicy::Unrestricted))
+        Some(self.unrestricted.clone())
     }
 
     fn ready(&self) -> bool {

@@ -47,6 +47,8 @@ pub struct Setup {
     pub pods_source: String,
     /// Extra environment for iamlet (KUBECONFIG, NODE_NAME…).
     pub env: Vec<(String, String)>,
+    /// `aws.base_role_arn`; empty to have iamlet derive it from the node's IMDS.
+    pub base_role_arn: String,
 }
 
 impl Default for Setup {
@@ -63,6 +65,7 @@ impl Default for Setup {
             netns: None,
             pods_source: "static".to_owned(),
             env: Vec::new(),
+            base_role_arn: "arn:aws:iam::123456789012:role/".to_owned(),
         }
     }
 }
@@ -72,7 +75,7 @@ impl Setup {
         let mut toml = format!(
             "[imds]\nlisten = \"{}\"\ntokens = \"{}\"\ntoken_key_file = \"{}\"\nupstream = \"{}\"\n{}\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n\n\
-             [aws]\nregion = \"us-east-1\"\nsts_endpoint = \"{}\"\nbase_role_arn = \"arn:aws:iam::123456789012:role/\"\n\n\
+             [aws]\nregion = \"us-east-1\"\nsts_endpoint = \"{}\"\nbase_role_arn = \"{}\"\n\n\
              [pods]\nsource = \"{}\"\n\n{}\n",
             self.imds_listen,
             self.tokens,
@@ -80,6 +83,7 @@ impl Setup {
             self.upstream,
             self.imds_extra,
             self.sts,
+            self.base_role_arn,
             self.pods_source,
             self.extra,
         );

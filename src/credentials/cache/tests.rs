@@ -137,12 +137,8 @@ async fn concurrent_misses_make_one_call() {
         .collect();
     let mut ids = HashSet::new();
     for task in tasks {
-        ids.insert(
-            task.await
-                .expect("task")
-                .expect("credentials")
-                .access_key_id,
-        );
+        let credentials = task.await.expect("task").expect("credentials");
+        ids.insert(credentials.access_key_id.clone());
     }
     assert_eq!(ids.len(), 1);
     assert_eq!(sts.calls(), 1);
