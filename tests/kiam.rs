@@ -13,8 +13,9 @@ use support::fake_kiam::{Answer, FakeKiam, Script, ServerTls};
 use support::http::{get, ip};
 use support::iamlet::{Iamlet, Setup};
 use support::pki::Ca;
-use support::{moto, rust_sdk};
+use support::{eventually, moto, rust_sdk};
 
+const WITHIN: Duration = Duration::from_secs(20);
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
 
 /// A CA, the client certificate iamlet presents, and the files iamlet reads them from.
@@ -81,46 +82,47 @@ fn start_iamlet(dir: &std::path::Path, kiam: String, netns: Option<String>) -> I
     Iamlet::start(dir, &setup)
 }
 
-async fn eventually<F: std::future::Future<Output = bool>>(what: &str, check: impl Fn() -> F) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("never happened: {what}");
-}
-
-async fn ready(iamlet: &Iamlet) -> bool {
-    get(ip("127.0.0.1"), iamlet.admin, "/readyz", None)
-        .await
-        .status
-        == 200
-}
-
 fn localhost(port: u16) -> SocketAddr {
     ([127, 0, 0, 1], port).into()
+}
+
+/// A fake kiam server on localhost answering role "web" for the pod at 127.0.0.1, and iamlet
+/// in server-backed mode using it.
+struct World {
+    script: Script,
+    iamlet: Iamlet,
+    _server: FakeKiam,
+    _dir: tempfile::TempDir,
+}
+
+impl World {
+    fn start(pki: &Pki, server_tls: &ServerTls, deadline: &str) -> World {
+        let script = Script::default();
+        script.answer("127.0.0.1", Answer::Role("web".into()));
+        let server = FakeKiam::start(
+            localhost(0),
+            server_tls,
+            script.clone(),
+            &moto::shared().url(),
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server_name = format!("localhost:{}", server.addr.port());
+        let iamlet = start_iamlet(dir.path(), pki.kiam_section(&server_name, deadline), None);
+        World {
+            script,
+            iamlet,
+            _server: server,
+            _dir: dir,
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_real_sdk_gets_its_role_through_the_kiam_server() {
     let pki = Pki::new();
-    let script = Script::default();
-    script.answer("127.0.0.1", Answer::Role("web".into()));
-    let server = FakeKiam::start(
-        localhost(0),
-        &pki.server_tls(&pki.ca, &["localhost"]),
-        script.clone(),
-        &moto::shared().url(),
-    );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let iamlet = start_iamlet(
-        dir.path(),
-        pki.kiam_section(&format!("localhost:{}", server.addr.port()), "5s"),
-        None,
-    );
-    eventually("ready once GetHealth answers", || ready(&iamlet)).await;
+    let World { script, iamlet, .. } =
+        &World::start(&pki, &pki.server_tls(&pki.ca, &["localhost"]), "5s");
+    eventually("ready once GetHealth answers", WITHIN, || iamlet.ready()).await;
 
     let imds = format!("http://{}", iamlet.imds);
     let arn = rust_sdk::caller_identity(&imds, &moto::shared().url()).await;
@@ -152,25 +154,12 @@ async fn a_real_sdk_gets_its_role_through_the_kiam_server() {
 #[tokio::test(flavor = "multi_thread")]
 async fn forbidden_is_final_and_no_pod_is_retried_within_the_deadline() {
     let pki = Pki::new();
-    let script = Script::default();
+    let World { script, iamlet, .. } =
+        &World::start(&pki, &pki.server_tls(&pki.ca, &["localhost"]), "1s");
     script.answer("127.0.0.5", Answer::Forbidden);
-    script.answer(
-        "127.0.0.6",
-        Answer::NoPodUntil(Instant::now() + Duration::from_secs(3), "web".into()),
-    );
-    let server = FakeKiam::start(
-        localhost(0),
-        &pki.server_tls(&pki.ca, &["localhost"]),
-        script.clone(),
-        &moto::shared().url(),
-    );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let iamlet = start_iamlet(
-        dir.path(),
-        pki.kiam_section(&format!("localhost:{}", server.addr.port()), "1s"),
-        None,
-    );
-    eventually("ready", || ready(&iamlet)).await;
+    let later = Instant::now() + Duration::from_secs(3);
+    script.answer("127.0.0.6", Answer::NoPodUntil(later, "web".into()));
+    eventually("ready", WITHIN, || iamlet.ready()).await;
     let calls_for = |ip: &str| script.calls().iter().filter(|c| c.ip == ip).count();
 
     let denied = get(ip("127.0.0.5"), iamlet.imds, CREDS, None).await;
@@ -188,7 +177,6 @@ async fn forbidden_is_final_and_no_pod_is_retried_within_the_deadline() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let found = get(ip("127.0.0.6"), iamlet.imds, CREDS, None).await;
     assert_eq!((found.status, found.body.as_str()), (200, "web"));
-    drop(server);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -214,19 +202,19 @@ async fn a_server_that_starts_late_or_restarts_is_followed() {
 
     let tls = pki.server_tls(&pki.ca, &["localhost"]);
     let server = FakeKiam::start(localhost(port), &tls, script.clone(), &moto::shared().url());
-    eventually("ready once the server is up", || ready(&iamlet)).await;
+    eventually("ready once the server is up", WITHIN, || iamlet.ready()).await;
     assert_eq!(
         get(ip("127.0.0.1"), iamlet.imds, CREDS, None).await.body,
         "web"
     );
 
     server.stop();
-    eventually("not ready while it is down", || async {
-        !ready(&iamlet).await
+    eventually("not ready while it is down", WITHIN, || async {
+        !iamlet.ready().await
     })
     .await;
     let server = FakeKiam::start(localhost(port), &tls, script.clone(), &moto::shared().url());
-    eventually("served again after the restart", || async {
+    eventually("served again after the restart", WITHIN, || async {
         get(ip("127.0.0.1"), iamlet.imds, CREDS, None).await.body == "web"
     })
     .await;
@@ -236,25 +224,13 @@ async fn a_server_that_starts_late_or_restarts_is_followed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rotated_client_certificate_is_used_without_a_restart() {
     let mut pki = Pki::new();
-    let script = Script::default();
-    script.answer("127.0.0.1", Answer::Role("web".into()));
-    let server = FakeKiam::start(
-        localhost(0),
-        &pki.server_tls(&pki.ca, &["localhost"]),
-        script.clone(),
-        &moto::shared().url(),
-    );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let iamlet = start_iamlet(
-        dir.path(),
-        pki.kiam_section(&format!("localhost:{}", server.addr.port()), "5s"),
-        None,
-    );
-    eventually("ready", || ready(&iamlet)).await;
+    let World { script, iamlet, .. } =
+        &World::start(&pki, &pki.server_tls(&pki.ca, &["localhost"]), "5s");
+    eventually("ready", WITHIN, || iamlet.ready()).await;
     let first = pki.client_der.clone();
     pki.rotate_client("iamlet-agent-2");
     let second = pki.client_der.clone();
-    eventually("a call with the rotated certificate", || async {
+    eventually("a call with the rotated certificate", WITHIN, || async {
         get(ip("127.0.0.1"), iamlet.imds, CREDS, None).await;
         script
             .calls()
@@ -269,24 +245,11 @@ async fn a_rotated_client_certificate_is_used_without_a_restart() {
 /// iamlet must refuse a server whose certificate does not check out: it never becomes ready,
 /// and no call reaches the server's handlers.
 async fn refused_server(server_tls: ServerTls, pki: &Pki) {
-    let script = Script::default();
-    script.answer("127.0.0.1", Answer::Role("web".into()));
-    let server = FakeKiam::start(
-        localhost(0),
-        &server_tls,
-        script.clone(),
-        &moto::shared().url(),
-    );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let iamlet = start_iamlet(
-        dir.path(),
-        pki.kiam_section(&format!("localhost:{}", server.addr.port()), "1s"),
-        None,
-    );
+    let World { script, iamlet, .. } = &World::start(pki, &server_tls, "1s");
     let reply = get(ip("127.0.0.1"), iamlet.imds, CREDS, None).await;
     assert_eq!(reply.status, 503, "{reply:?}");
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(!ready(&iamlet).await);
+    assert!(!iamlet.ready().await);
     assert!(
         script.calls().is_empty(),
         "a call got through: {:?}",

@@ -7,7 +7,7 @@
 mod support;
 
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -15,8 +15,9 @@ use serde_json::json;
 use support::apiserver::{self, IAMLET_TOKEN, STRANGER_TOKEN};
 use support::http::{get, ip};
 use support::iamlet::{Iamlet, Setup};
-use support::{moto, rust_sdk};
+use support::{eventually, moto, rust_sdk};
 
+const WITHIN: Duration = Duration::from_secs(20);
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
 
 async fn create_namespace(client: &kube::Client, name: &str, permitted: Option<&str>) {
@@ -64,17 +65,6 @@ async fn run_pod(
         .expect("set pod status");
 }
 
-async fn eventually<F: std::future::Future<Output = bool>>(what: &str, check: impl Fn() -> F) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("never happened: {what}");
-}
-
 fn start_iamlet(dir: &std::path::Path, token: &str, node: &str) -> Iamlet {
     let kubeconfig = apiserver::shared().kubeconfig(token);
     let setup = Setup {
@@ -93,13 +83,6 @@ fn start_iamlet(dir: &std::path::Path, token: &str, node: &str) -> Iamlet {
 async fn role_at(iamlet: &Iamlet, pod_ip: IpAddr) -> Option<String> {
     let reply = get(pod_ip, iamlet.imds, CREDS, None).await;
     (reply.status == 200).then_some(reply.body)
-}
-
-async fn ready(iamlet: &Iamlet) -> bool {
-    get(ip("127.0.0.1"), iamlet.admin, "/readyz", None)
-        .await
-        .status
-        == 200
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -168,7 +151,7 @@ async fn iamlet_serves_its_nodes_pods_under_the_shipped_rbac() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let mut iamlet = start_iamlet(dir.path(), IAMLET_TOKEN, node);
-    eventually("ready", || ready(&iamlet)).await;
+    eventually("ready", WITHIN, || iamlet.ready()).await;
 
     // The real SDK, as the pod at 127.0.0.1.
     let imds = format!("http://{}", iamlet.imds);
@@ -201,7 +184,7 @@ async fn iamlet_serves_its_nodes_pods_under_the_shipped_rbac() {
 
     // The denial is an Event on the pod (events.k8s.io, created under iamlet's RBAC).
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(admin.clone(), "team-a");
-    eventually("an IamRoleForbidden Event", || async {
+    eventually("an IamRoleForbidden Event", WITHIN, || async {
         events.list(&Default::default()).await.is_ok_and(|list| {
             list.items.iter().any(|e| {
                 e.reason.as_deref() == Some("IamRoleForbidden")
@@ -217,7 +200,7 @@ async fn iamlet_serves_its_nodes_pods_under_the_shipped_rbac() {
     pods.patch("web", &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .expect("annotate");
-    eventually("the new role", || async {
+    eventually("the new role", WITHIN, || async {
         role_at(&iamlet, ip("127.0.0.1")).await.as_deref() == Some("a-reader")
     })
     .await;
@@ -229,7 +212,7 @@ async fn iamlet_serves_its_nodes_pods_under_the_shipped_rbac() {
         .patch("team-a", &PatchParams::default(), &Patch::Merge(&narrow))
         .await
         .expect("annotate ns");
-    eventually("the narrowed policy", || async {
+    eventually("the narrowed policy", WITHIN, || async {
         role_at(&iamlet, ip("127.0.0.1")).await.is_none()
     })
     .await;
@@ -238,7 +221,7 @@ async fn iamlet_serves_its_nodes_pods_under_the_shipped_rbac() {
     pods.delete("web", &DeleteParams::default().grace_period(0))
         .await
         .expect("delete");
-    eventually("the deleted pod is gone", || async {
+    eventually("the deleted pod is gone", WITHIN, || async {
         get(ip("127.0.0.1"), iamlet.imds, CREDS, None).await.status == 404
     })
     .await;
@@ -252,7 +235,7 @@ async fn iamlet_serves_its_nodes_pods_under_the_shipped_rbac() {
         false,
     )
     .await;
-    eventually("the new pod's role", || async {
+    eventually("the new pod's role", WITHIN, || async {
         role_at(&iamlet, ip("127.0.0.1")).await.as_deref() == Some("a-web")
     })
     .await;
@@ -260,7 +243,7 @@ async fn iamlet_serves_its_nodes_pods_under_the_shipped_rbac() {
     // A restart relists and serves again.
     assert!(iamlet.stop().success());
     let iamlet = start_iamlet(dir.path(), IAMLET_TOKEN, node);
-    eventually("ready after a restart", || ready(&iamlet)).await;
+    eventually("ready after a restart", WITHIN, || iamlet.ready()).await;
     assert_eq!(
         role_at(&iamlet, ip("127.0.0.1")).await.as_deref(),
         Some("a-web")
@@ -272,10 +255,10 @@ async fn without_the_rbac_iamlet_never_becomes_ready() {
     require_apiserver!();
     let dir = tempfile::tempdir().expect("tempdir");
     let iamlet = start_iamlet(dir.path(), STRANGER_TOKEN, "node-stranger");
-    eventually("the watch is refused", || async {
+    eventually("the watch is refused", WITHIN, || async {
         iamlet.log().contains("watch failed")
     })
     .await;
-    assert!(!ready(&iamlet).await);
+    assert!(!iamlet.ready().await);
     assert!(iamlet.log().contains("forbidden"), "{}", iamlet.log());
 }

@@ -6,14 +6,15 @@
 mod support;
 
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 use support::fake_kube::{FakeKube, namespace, pod};
 use support::http::{get, ip};
 use support::iamlet::{Iamlet, Setup};
-use support::{moto, sts_front};
+use support::{eventually, moto, sts_front};
 
+const WITHIN: Duration = Duration::from_secs(10);
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
 const ANY_ROLE: &str = "arn:aws:iam::123456789012:role/.*";
 
@@ -54,25 +55,6 @@ async fn role_at(world: &World, pod_ip: IpAddr) -> Option<String> {
     (reply.status == 200).then_some(reply.body)
 }
 
-/// Polls `check` until it holds (10 s at most): watch events take a moment to arrive.
-async fn eventually<F: std::future::Future<Output = bool>>(what: &str, check: impl Fn() -> F) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("never happened: {what}");
-}
-
-async fn ready(world: &World) -> bool {
-    get(ip("127.0.0.1"), world.iamlet.admin, "/readyz", None)
-        .await
-        .status
-        == 200
-}
-
 fn count(world: &World, request: &str) -> usize {
     world
         .fake
@@ -103,7 +85,7 @@ async fn this_nodes_pods_are_served_and_deleted_pods_are_gone() {
         ));
         fake.apply_pod(pod("shop", "plain", "u-plain", "node-1", "127.0.0.4", None));
     });
-    eventually("ready", || ready(&world)).await;
+    eventually("ready", WITHIN, || world.iamlet.ready()).await;
     assert_eq!(
         role_at(&world, ip("127.0.0.2")).await.as_deref(),
         Some("web")
@@ -130,7 +112,7 @@ async fn this_nodes_pods_are_served_and_deleted_pods_are_gone() {
     assert!(world.fake.requests().iter().any(|r| r == "LIST pods"));
 
     world.fake.delete_pod("u-web");
-    eventually("the deleted pod is gone", || async {
+    eventually("the deleted pod is gone", WITHIN, || async {
         role_at(&world, ip("127.0.0.2")).await.is_none()
     })
     .await;
@@ -139,7 +121,7 @@ async fn this_nodes_pods_are_served_and_deleted_pods_are_gone() {
 #[tokio::test]
 async fn a_first_request_waits_for_its_pod_to_arrive() {
     let world = start(|_| {});
-    eventually("ready", || ready(&world)).await;
+    eventually("ready", WITHIN, || world.iamlet.ready()).await;
     let imds = world.iamlet.imds;
     let request = tokio::spawn(async move { get(ip("127.0.0.5"), imds, CREDS, None).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -163,13 +145,16 @@ async fn readyz_waits_for_both_lists() {
     assert_eq!(reply.status, 503);
     assert!(reply.body.contains("not ready"), "{}", reply.body);
     world.fake.hold_namespace_list(false);
-    eventually("ready once both lists are in", || ready(&world)).await;
+    eventually("ready once both lists are in", WITHIN, || {
+        world.iamlet.ready()
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_410_gone_makes_it_relist_and_catch_up() {
     let world = start(|_| {});
-    eventually("ready", || ready(&world)).await;
+    eventually("ready", WITHIN, || world.iamlet.ready()).await;
     assert_eq!(count(&world, "LIST pods"), 1);
     // History is lost and the stream cut before the pod arrives: only a relist can bring it.
     world.fake.compact();
@@ -182,11 +167,11 @@ async fn a_410_gone_makes_it_relist_and_catch_up() {
         "127.0.0.6",
         Some("web"),
     ));
-    eventually("a relist after 410 Gone", || async {
+    eventually("a relist after 410 Gone", WITHIN, || async {
         count(&world, "LIST pods") >= 2
     })
     .await;
-    eventually("the pod added while history was lost", || async {
+    eventually("the pod added while history was lost", WITHIN, || async {
         role_at(&world, ip("127.0.0.6")).await.as_deref() == Some("web")
     })
     .await;
@@ -195,7 +180,7 @@ async fn a_410_gone_makes_it_relist_and_catch_up() {
 #[tokio::test]
 async fn a_cut_stream_resumes_without_relisting() {
     let world = start(|_| {});
-    eventually("ready", || ready(&world)).await;
+    eventually("ready", WITHIN, || world.iamlet.ready()).await;
     world.fake.cut_watches();
     world.fake.apply_pod(pod(
         "shop",
@@ -205,7 +190,7 @@ async fn a_cut_stream_resumes_without_relisting() {
         "127.0.0.7",
         Some("web"),
     ));
-    eventually("the pod added across the cut", || async {
+    eventually("the pod added across the cut", WITHIN, || async {
         role_at(&world, ip("127.0.0.7")).await.as_deref() == Some("web")
     })
     .await;
@@ -215,9 +200,9 @@ async fn a_cut_stream_resumes_without_relisting() {
 #[tokio::test]
 async fn bookmarks_move_the_resume_point() {
     let world = start(|_| {});
-    eventually("ready", || ready(&world)).await;
+    eventually("ready", WITHIN, || world.iamlet.ready()).await;
     // Let the first watch open before sending the bookmark to it.
-    eventually("a pod watch", || async {
+    eventually("a pod watch", WITHIN, || async {
         world
             .fake
             .requests()
@@ -229,7 +214,7 @@ async fn bookmarks_move_the_resume_point() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     world.fake.cut_watches();
     let resumed = format!("WATCH pods from {bookmark}");
-    eventually("a watch resuming at the bookmark", || async {
+    eventually("a watch resuming at the bookmark", WITHIN, || async {
         world.fake.requests().contains(&resumed)
     })
     .await;
@@ -256,7 +241,7 @@ async fn ip_reuse_never_hands_the_new_pod_the_old_role() {
             Some("admin"),
         ));
     });
-    eventually("ready", || ready(&world)).await;
+    eventually("ready", WITHIN, || world.iamlet.ready()).await;
 
     // Delete, then add: the new pod is served once its event is in.
     world.fake.delete_pod("u-admin");
@@ -268,7 +253,7 @@ async fn ip_reuse_never_hands_the_new_pod_the_old_role() {
         "127.0.0.8",
         Some("web"),
     ));
-    eventually("the new pod's role", || async {
+    eventually("the new pod's role", WITHIN, || async {
         role_at(&world, ip("127.0.0.8")).await.as_deref() == Some("web")
     })
     .await;
@@ -282,7 +267,7 @@ async fn ip_reuse_never_hands_the_new_pod_the_old_role() {
         "127.0.0.9",
         Some("web"),
     ));
-    eventually("the conflict is seen", || async {
+    eventually("the conflict is seen", WITHIN, || async {
         world
             .iamlet
             .log()
@@ -295,7 +280,7 @@ async fn ip_reuse_never_hands_the_new_pod_the_old_role() {
         "served during a conflict"
     );
     world.fake.delete_pod("u-job");
-    eventually("the new pod's role", || async {
+    eventually("the new pod's role", WITHIN, || async {
         role_at(&world, ip("127.0.0.9")).await.as_deref() == Some("web")
     })
     .await;
@@ -311,7 +296,7 @@ async fn ip_reuse_never_hands_the_new_pod_the_old_role() {
     );
     finished["status"]["phase"] = json!("Succeeded");
     world.fake.apply_pod(finished);
-    eventually("the finished pod is not served", || async {
+    eventually("the finished pod is not served", WITHIN, || async {
         role_at(&world, ip("127.0.0.9")).await.is_none()
     })
     .await;
@@ -350,7 +335,7 @@ async fn namespace_policy_is_enforced_and_follows_changes() {
             Some("team-app"),
         ));
     });
-    eventually("ready", || ready(&world)).await;
+    eventually("ready", WITHIN, || world.iamlet.ready()).await;
     assert_eq!(
         role_at(&world, ip("127.0.0.10")).await.as_deref(),
         Some("team-app")
@@ -365,7 +350,7 @@ async fn namespace_policy_is_enforced_and_follows_changes() {
     );
     // Repeated denials make one Event (rate-limited), on the pod, with the reason.
     get(ip("127.0.0.11"), world.iamlet.imds, CREDS, None).await;
-    eventually("a denial Event", || async {
+    eventually("a denial Event", WITHIN, || async {
         world
             .fake
             .requests()
@@ -393,14 +378,14 @@ async fn namespace_policy_is_enforced_and_follows_changes() {
         "team",
         Some("arn:aws:iam::123456789012:role/(team-.*|admin)"),
     ));
-    eventually("admin permitted", || async {
+    eventually("admin permitted", WITHIN, || async {
         role_at(&world, ip("127.0.0.11")).await.as_deref() == Some("admin")
     })
     .await;
     world
         .fake
         .apply_namespace(namespace("team", Some("(unclosed")));
-    eventually("an invalid pattern denies all", || async {
+    eventually("an invalid pattern denies all", WITHIN, || async {
         role_at(&world, ip("127.0.0.10")).await.is_none()
     })
     .await;
@@ -412,7 +397,7 @@ async fn namespace_policy_is_enforced_and_follows_changes() {
             >= 1.0
     );
     assert!(
-        ready(&world).await,
+        world.iamlet.ready().await,
         "an invalid annotation must not take iamlet down"
     );
 }

@@ -6,13 +6,13 @@ mod support;
 
 use std::collections::HashSet;
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::fake_kube::{FakeKube, namespace, pod as kube_pod};
 use support::http::{get, ip};
 use support::iamlet::{Iamlet, Setup, StaticPod, pod};
-use support::moto;
 use support::sts_front::{self, Fault, StsFront};
+use support::{eventually, moto};
 
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
 
@@ -35,21 +35,6 @@ fn start(pods: Vec<StaticPod>, extra: &str) -> (tempfile::TempDir, Iamlet, StsFr
     };
     let iamlet = Iamlet::start(dir.path(), &setup);
     (dir, iamlet, sts)
-}
-
-async fn eventually<F: std::future::Future<Output = bool>>(
-    what: &str,
-    within: Duration,
-    check: impl Fn() -> F,
-) {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("never happened: {what}");
 }
 
 async fn access_key(iamlet: &Iamlet, pod_ip: IpAddr, role: &str) -> String {

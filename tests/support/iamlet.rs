@@ -247,6 +247,12 @@ impl Iamlet {
         }
     }
 
+    /// Whether `/readyz` answers 200.
+    pub async fn ready(&self) -> bool {
+        let reply = super::http::get(self.admin.ip(), self.admin, "/readyz", None).await;
+        reply.status == 200
+    }
+
     /// The value of a metric line (`name{labels}`) on the admin port, 0 if absent.
     pub async fn metric(&self, series: &str) -> f64 {
         let reply = super::http::get(self.admin.ip(), self.admin, "/metrics", None).await;

@@ -58,3 +58,20 @@ pub fn peer_program(name: &str) -> PathBuf {
         .find(|candidate| candidate.exists());
     on_path.unwrap_or_else(|| panic!("{name} not found: run `bash .ci/setup` first"))
 }
+
+/// Polls `check` until it holds, for at most `within`: watch events, refreshes and restarts
+/// take a moment to show. Panics naming `what` if it never does.
+pub async fn eventually<F: std::future::Future<Output = bool>>(
+    what: &str,
+    within: Duration,
+    check: impl Fn() -> F,
+) {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("never happened within {within:?}: {what}");
+}

@@ -13,10 +13,14 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
 /// Serves `handler` on `bind` for the rest of the test process; returns the bound address.
-pub fn spawn<H, F>(bind: SocketAddr, handler: H) -> SocketAddr
+/// The response body may be anything hyper can send (a whole body, or a stream).
+pub fn spawn<H, F, B>(bind: SocketAddr, handler: H) -> SocketAddr
 where
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
-    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let listener = std::net::TcpListener::bind(bind).expect("bind test server");
     let addr = listener.local_addr().expect("local addr");
