@@ -34,7 +34,7 @@ pub enum BuildError {
         source: std::io::Error,
     },
     #[error("imds.token_key_file: {0}")]
-    TokenKey(#[from] imds::token_key::KeyError),
+    TokenKey(#[from] imds::KeyError),
     #[error("imds.upstream: {0}")]
     Upstream(String),
     #[error(

@@ -169,7 +169,7 @@ impl Config {
             // The error text names the entry (imds.proxy_allow[i]).
             ConfigError::new("", err)
         })?;
-        imds::Upstream::new(&imds.upstream, &[], Duration::from_secs(1))
+        imds::check_upstream(&imds.upstream)
             .map_err(|err| ConfigError::new("imds.upstream", err))?;
         positive("imds.request_timeout", imds.request_timeout)?;
         positive("imds.idle_timeout", imds.idle_timeout)?;

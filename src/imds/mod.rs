@@ -17,12 +17,10 @@
 mod document;
 mod proxy;
 mod routes;
-pub mod token_key {
-    pub use super::token::KeyError;
-}
 mod token;
 
-pub use proxy::{DEFAULT_ALLOW, Upstream, compile_allow_list};
+pub use proxy::{DEFAULT_ALLOW, Upstream, check_upstream, compile_allow_list};
+pub use token::KeyError;
 pub use token::TokenKey;
 
 use std::path::PathBuf;

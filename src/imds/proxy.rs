@@ -58,12 +58,7 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(base: &str, allow: &[String], timeout: Duration) -> Result<Upstream, Error> {
-        let uri: Uri = base
-            .parse()
-            .map_err(|_| Error::BadUpstream(base.to_owned()))?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() {
-            return Err(Error::BadUpstream(base.to_owned()));
-        }
+        check_upstream(base)?;
         let allow = compile_allow_list(allow)?;
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(timeout));
@@ -191,6 +186,18 @@ impl Upstream {
                 uri: format!("{}{path}", self.base),
                 message: "no InstanceProfileArn in the answer".to_owned(),
             })
+    }
+}
+
+/// Checks that `base` is an `http://` URL with a host (the node's IMDS speaks plain HTTP).
+pub fn check_upstream(base: &str) -> Result<(), Error> {
+    let uri: Uri = base
+        .parse()
+        .map_err(|_| Error::BadUpstream(base.to_owned()))?;
+    if uri.scheme_str() == Some("http") && uri.host().is_some() {
+        Ok(())
+    } else {
+        Err(Error::BadUpstream(base.to_owned()))
     }
 }
 

@@ -24,6 +24,12 @@ const CREDENTIALS_PREFIX: &str = "/latest/meta-data/iam/security-credentials";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route<'a> {
     Token,
+    Metadata(Metadata<'a>),
+}
+
+/// The metadata routes: GETs, behind the token check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Metadata<'a> {
     Iam,
     RoleName,
     Credentials(&'a str),
@@ -33,29 +39,30 @@ enum Route<'a> {
 
 impl<'a> Route<'a> {
     fn of(path: &'a str) -> Route<'a> {
-        match path {
-            "/latest/api/token" => Route::Token,
-            "/latest/meta-data/iam" | "/latest/meta-data/iam/" => Route::Iam,
-            "/latest/meta-data/iam/info" | "/latest/meta-data/iam/info/" => Route::Info,
+        let metadata = match path {
+            "/latest/api/token" => return Route::Token,
+            "/latest/meta-data/iam" | "/latest/meta-data/iam/" => Metadata::Iam,
+            "/latest/meta-data/iam/info" | "/latest/meta-data/iam/info/" => Metadata::Info,
             _ => match path.strip_prefix(CREDENTIALS_PREFIX) {
-                Some("" | "/") => Route::RoleName,
+                Some("" | "/") => Metadata::RoleName,
                 Some(rest) => match rest.strip_prefix('/') {
-                    Some(name) => Route::Credentials(name.strip_suffix('/').unwrap_or(name)),
-                    None => Route::Upstream(path),
+                    Some(name) => Metadata::Credentials(name.strip_suffix('/').unwrap_or(name)),
+                    None => Metadata::Upstream(path),
                 },
-                None => Route::Upstream(path),
+                None => Metadata::Upstream(path),
             },
-        }
+        };
+        Route::Metadata(metadata)
     }
 
     fn label(self) -> &'static str {
         match self {
             Route::Token => "token",
-            Route::Iam => "iam",
-            Route::RoleName => "role",
-            Route::Credentials(_) => "credentials",
-            Route::Info => "info",
-            Route::Upstream(_) => "upstream",
+            Route::Metadata(Metadata::Iam) => "iam",
+            Route::Metadata(Metadata::RoleName) => "role",
+            Route::Metadata(Metadata::Credentials(_)) => "credentials",
+            Route::Metadata(Metadata::Info) => "info",
+            Route::Metadata(Metadata::Upstream(_)) => "upstream",
         }
     }
 }
@@ -129,34 +136,35 @@ async fn dispatch<B: Broker>(
     method: &Method,
     headers: &HeaderMap,
 ) -> Outcome {
-    if route == Route::Token {
-        return if method == Method::PUT {
-            issue_token(state, ip, headers)
-        } else {
-            method_not_allowed("PUT")
-        };
-    }
-    if method != Method::GET && method != Method::HEAD {
-        return method_not_allowed("GET, HEAD");
-    }
-    if let Err(reason) = check_token(state, ip, headers) {
-        return Outcome::text(StatusCode::UNAUTHORIZED, reason);
-    }
     match route {
-        Route::Token => unreachable!("answered above"),
-        Route::Iam => match state.broker.role(ip).await {
+        Route::Token if method == Method::PUT => issue_token(state, ip, headers),
+        Route::Token => method_not_allowed("PUT"),
+        Route::Metadata(_) if method != Method::GET && method != Method::HEAD => {
+            method_not_allowed("GET, HEAD")
+        }
+        Route::Metadata(metadata) => match check_token(state, ip, headers) {
+            Ok(()) => answer(state, ip, metadata).await,
+            Err(reason) => Outcome::text(StatusCode::UNAUTHORIZED, reason),
+        },
+    }
+}
+
+/// A metadata GET that passed the token check.
+async fn answer<B: Broker>(state: &State<B>, ip: IpAddr, metadata: Metadata<'_>) -> Outcome {
+    match metadata {
+        Metadata::Iam => match state.broker.role(ip).await {
             Ok(role) => {
                 Outcome::text(StatusCode::OK, "info\nsecurity-credentials/").for_pod(role.pod.key())
             }
             Err(err) => broker_error(err),
         },
-        Route::RoleName => match state.broker.role(ip).await {
+        Metadata::RoleName => match state.broker.role(ip).await {
             // Exactly the name: aws-sdk-rust fails on a trailing newline.
             Ok(role) => Outcome::text(StatusCode::OK, role.role_arn.name().to_owned())
                 .for_pod(role.pod.key()),
             Err(err) => broker_error(err),
         },
-        Route::Info => match state.broker.role(ip).await {
+        Metadata::Info => match state.broker.role(ip).await {
             Ok(role) => Outcome::text(
                 StatusCode::OK,
                 document::info(&role.role_arn, SystemTime::now()),
@@ -164,14 +172,14 @@ async fn dispatch<B: Broker>(
             .for_pod(role.pod.key()),
             Err(err) => broker_error(err),
         },
-        Route::Credentials(name) => match state.broker.credentials(ip, name).await {
+        Metadata::Credentials(name) => match state.broker.credentials(ip, name).await {
             Ok((role, credentials)) => {
                 Outcome::text(StatusCode::OK, document::credentials(&credentials))
                     .for_pod(role.pod.key())
             }
             Err(err) => broker_error(err),
         },
-        Route::Upstream(path) => proxy(state, path).await,
+        Metadata::Upstream(path) => proxy(state, path).await,
     }
 }
 
@@ -320,24 +328,25 @@ mod tests {
 
     #[test]
     fn routes_are_recognised_with_and_without_trailing_slash() {
-        assert_eq!(Route::of("/latest/api/token"), Route::Token);
-        assert_eq!(Route::of(CREDENTIALS_PREFIX), Route::RoleName);
+        let of = |path: &str| match Route::of(path) {
+            Route::Token => "token".to_owned(),
+            Route::Metadata(metadata) => format!("{metadata:?}"),
+        };
+        assert_eq!(of("/latest/api/token"), "token");
+        assert_eq!(of(CREDENTIALS_PREFIX), "RoleName");
+        assert_eq!(of(&format!("{CREDENTIALS_PREFIX}/")), "RoleName");
         assert_eq!(
-            Route::of(&format!("{CREDENTIALS_PREFIX}/")),
-            Route::RoleName
+            of(&format!("{CREDENTIALS_PREFIX}/web")),
+            "Credentials(\"web\")"
         );
         assert_eq!(
-            Route::of(&format!("{CREDENTIALS_PREFIX}/web")),
-            Route::Credentials("web")
+            of(&format!("{CREDENTIALS_PREFIX}/web/")),
+            "Credentials(\"web\")"
         );
+        assert_eq!(of("/latest/meta-data/iam/info"), "Info");
         assert_eq!(
-            Route::of(&format!("{CREDENTIALS_PREFIX}/web/")),
-            Route::Credentials("web")
-        );
-        assert_eq!(Route::of("/latest/meta-data/iam/info"), Route::Info);
-        assert_eq!(
-            Route::of("/latest/meta-data/iam/security-credentialsX"),
-            Route::Upstream("/latest/meta-data/iam/security-credentialsX")
+            of("/latest/meta-data/iam/security-credentialsX"),
+            "Upstream(\"/latest/meta-data/iam/security-credentialsX\")"
         );
     }
 }
