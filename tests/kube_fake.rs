@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::json;
 use support::fake_kube::{FakeKube, namespace, pod};
 use support::http::{get, ip};
-use support::iamlet::{Iamlet, Setup};
+use support::iamlet::Iamlet;
 use support::{eventually, moto, sts_front};
 
 const WITHIN: Duration = Duration::from_secs(10);
@@ -30,18 +30,8 @@ fn start(prepare: impl FnOnce(&FakeKube)) -> World {
     fake.apply_namespace(namespace("shop", Some(ANY_ROLE)));
     prepare(&fake);
     let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, fake.kubeconfig("iamlet-token")).expect("kubeconfig");
     let sts = sts_front::start(([127, 0, 0, 1], 0).into(), moto::shared().addr);
-    let setup = Setup {
-        sts: sts.url(),
-        pods_source: "kubernetes".into(),
-        env: vec![
-            ("KUBECONFIG".into(), kubeconfig.display().to_string()),
-            ("NODE_NAME".into(), "node-1".into()),
-        ],
-        ..Setup::default()
-    };
+    let setup = fake.setup(dir.path(), sts.url());
     let iamlet = Iamlet::start(dir.path(), &setup);
     World {
         _dir: dir,

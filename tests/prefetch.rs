@@ -102,18 +102,8 @@ async fn a_new_pods_credentials_are_cached_before_its_first_request() {
     let fake = FakeKube::start();
     fake.apply_namespace(namespace("shop", Some("arn:aws:iam::123456789012:role/.*")));
     let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, fake.kubeconfig("token")).expect("kubeconfig");
     let sts = sts_front::start(([127, 0, 0, 1], 0).into(), moto::shared().addr);
-    let setup = Setup {
-        sts: sts.url(),
-        pods_source: "kubernetes".into(),
-        env: vec![
-            ("KUBECONFIG".into(), kubeconfig.display().to_string()),
-            ("NODE_NAME".into(), "node-1".into()),
-        ],
-        ..Setup::default()
-    };
+    let setup = fake.setup(dir.path(), sts.url());
     let iamlet = Iamlet::start(dir.path(), &setup);
     fake.apply_pod(kube_pod(
         "shop",

@@ -241,15 +241,6 @@ impl PodIndex {
         let state = self.read();
         state.pods_synced && state.namespaces_synced
     }
-
-    /// How many pods are indexed (for logs).
-    pub fn len(&self) -> usize {
-        self.read().pods.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[cfg(test)]
@@ -381,7 +372,7 @@ mod tests {
         assert_eq!(role_at(&index).as_deref(), Some("admin"));
         index.apply_pod(Change::InitDone);
         assert_eq!(role_at(&index).as_deref(), Some("web"));
-        assert_eq!(index.len(), 1);
+        assert_eq!(index.servable().len(), 1);
     }
 
     #[test]

@@ -55,29 +55,18 @@ impl State {
     fn record(&mut self, kind: Kind, event: &'static str, mut object: Value) {
         self.rv += 1;
         object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-        match (kind, event) {
-            (Kind::Pods, "DELETED") => {
-                self.pods
-                    .remove(object["metadata"]["uid"].as_str().unwrap_or_default());
-            }
-            (Kind::Pods, _) => {
-                let uid = object["metadata"]["uid"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned();
-                self.pods.insert(uid, object.clone());
-            }
-            (Kind::Namespaces, "DELETED") => {
-                self.namespaces
-                    .remove(object["metadata"]["name"].as_str().unwrap_or_default());
-            }
-            (Kind::Namespaces, _) => {
-                let name = object["metadata"]["name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned();
-                self.namespaces.insert(name, object.clone());
-            }
+        let (store, id) = match kind {
+            Kind::Pods => (&mut self.pods, "uid"),
+            Kind::Namespaces => (&mut self.namespaces, "name"),
+        };
+        let id = object["metadata"][id]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if event == "DELETED" {
+            store.remove(&id);
+        } else {
+            store.insert(id, object.clone());
         }
         self.history.push((self.rv, kind, event, object.clone()));
         let line = event_line(event, &object);
@@ -225,6 +214,21 @@ impl FakeKube {
     /// Requests seen, as "LIST pods" / "WATCH pods from 7".
     pub fn requests(&self) -> Vec<String> {
         self.with(|s| s.requests.clone())
+    }
+
+    /// iamlet's setup for watching node-1 through this server, its kubeconfig written in `dir`.
+    pub fn setup(&self, dir: &std::path::Path, sts: String) -> super::iamlet::Setup {
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, self.kubeconfig("iamlet-token")).expect("kubeconfig");
+        super::iamlet::Setup {
+            sts,
+            pods_source: "kubernetes".into(),
+            env: vec![
+                ("KUBECONFIG".into(), kubeconfig.display().to_string()),
+                ("NODE_NAME".into(), "node-1".into()),
+            ],
+            ..super::iamlet::Setup::default()
+        }
     }
 
     /// A kubeconfig for this server with `token`.
