@@ -1,6 +1,6 @@
-//! Build, then run. `build` reads keys, binds both listeners and creates clients (so every
-//! failure that config alone cannot predict shows before anything is served); `run` serves until
-//! shutdown and drains within a bound.
+//! The agent (`iamlet agent`): build, then run. `build` reads keys, binds both listeners and
+//! creates clients (so every failure that config alone cannot predict shows before anything is
+//! served); `run` serves under the [`Supervisor`] until shutdown and drains within a bound.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -8,9 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::admin;
 use crate::broker::Broker;
@@ -19,46 +16,29 @@ use crate::http_server::Limits;
 use crate::imds::{self, TokenKey, Upstream};
 use crate::iptables::{self, Interception};
 use crate::metrics::Metrics;
-use crate::mode::{Mode, Tasks};
-use crate::policy::BaseRoleArn;
+use crate::mode::{self, Background, Mode};
+use crate::supervisor::{Supervisor, TaskExited};
 
 /// How long iamlet waits on the node's IMDS for proxied paths and start-up autodetection.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("cannot listen on {addr} ({key}): {source}")]
+    #[error("cannot listen on {addr} ({key})")]
     Bind {
         key: &'static str,
         addr: SocketAddr,
+        #[source]
         source: std::io::Error,
     },
-    #[error("imds.token_key_file: {0}")]
-    TokenKey(#[from] imds::KeyError),
-    #[error("imds.upstream: {0}")]
-    Upstream(String),
-    #[error(
-        "aws.base_role_arn is empty and could not be derived from the node's IMDS: {0}; set aws.base_role_arn"
-    )]
-    BaseRoleArn(String),
-    #[error("aws.region: no region is configured and the default chain found none")]
-    NoRegion,
-    #[error(
-        "pods.node_name is empty and NODE_NAME is not set: iamlet must know which node's pods to serve"
-    )]
-    NoNodeName,
-    #[error("kiam: {0}")]
-    Kiam(String),
-    #[error("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG): {0}")]
-    Kubernetes(String),
-    #[error("cannot install the interception rule: {0}")]
-    Iptables(#[from] iptables::Error),
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("the {task} server stopped unexpectedly: {detail}")]
-    TaskExited { task: &'static str, detail: String },
+    #[error("imds.token_key_file")]
+    TokenKey(#[source] imds::KeyError),
+    #[error(transparent)]
+    Upstream(imds::UpstreamError),
+    #[error(transparent)]
+    Mode(#[from] mode::Error),
+    #[error("cannot install the interception rule")]
+    Iptables(#[source] iptables::Error),
 }
 
 pub struct App {
@@ -68,7 +48,8 @@ pub struct App {
     metrics: Metrics,
     limits: Limits,
     interception: Option<(Interception, iptables::Config)>,
-    tasks: Tasks,
+    background: Background,
+    events_instance: String,
 }
 
 impl App {
@@ -77,21 +58,17 @@ impl App {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let imds_listener = bind("imds.listen", config.imds.listen).await?;
         let admin_listener = bind("admin.listen", config.admin.listen).await?;
-        let tokens = TokenKey::load_or_create(&config.imds.token_key_file)?;
+        let tokens =
+            TokenKey::load_or_create(&config.imds.token_key_file).map_err(BuildError::TokenKey)?;
         let upstream = Upstream::new(
             &config.imds.upstream,
             &config.imds.proxy_allow,
             UPSTREAM_TIMEOUT,
         )
-        .map_err(|err| BuildError::Upstream(err.to_string()))?;
-        let base_role_arn = base_role_arn(&config, &upstream).await?;
-        tracing::info!(
-            base_role_arn = base_role_arn.as_str(),
-            "role names resolve under this base"
-        );
+        .map_err(BuildError::Upstream)?;
 
         let metrics = Metrics::default();
-        let (broker, tasks) = Mode::build(&config, base_role_arn, &metrics).await?;
+        let (broker, background) = Mode::build(&config, &upstream, &metrics).await?;
         let state = Arc::new(imds::State {
             broker,
             tokens,
@@ -106,7 +83,9 @@ impl App {
             let rule =
                 Interception::new(&config.iptables.host_interface, local_addr(&imds_listener));
             let ensured = rule.clone();
-            blocking(move || ensured.ensure()).await?;
+            blocking(move || ensured.ensure())
+                .await
+                .map_err(BuildError::Iptables)?;
             tracing::info!(
                 host_interface = config.iptables.host_interface.as_str(),
                 target = %local_addr(&imds_listener),
@@ -117,7 +96,7 @@ impl App {
             None
         };
         Ok(App {
-            tasks,
+            background,
             interception,
             imds_listener,
             admin_listener,
@@ -128,6 +107,7 @@ impl App {
                 idle_timeout: config.imds.idle_timeout,
                 shutdown_grace: config.imds.shutdown_grace,
             },
+            events_instance: config.pods.node_name.clone(),
         })
     }
 
@@ -141,65 +121,51 @@ impl App {
         local_addr(&self.admin_listener)
     }
 
-    /// Serves until `shutdown` completes or a server dies, then drains within the grace period.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
-        let cancel = CancellationToken::new();
-        let tracker = TaskTracker::new();
-        let (exited, mut exits) = mpsc::channel::<(&'static str, String)>(2);
-
+    /// Serves until `shutdown` completes or a task dies, then drains within the grace period.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), TaskExited> {
+        let supervisor = Supervisor::default();
         let state = self.state.clone();
         let readiness: admin::Readiness = Arc::new(move || {
             (!state.broker.ready()).then(|| state.broker.not_ready_reason().to_owned())
         });
-        let servers = [
-            (
-                "imds",
-                tokio::spawn(imds::serve(
-                    self.imds_listener,
-                    self.state.clone(),
-                    self.limits,
-                    cancel.clone(),
-                )),
+        supervisor.spawn(
+            "imds server",
+            imds::serve(
+                self.imds_listener,
+                self.state.clone(),
+                self.limits,
+                supervisor.cancel(),
             ),
-            (
-                "admin",
-                tokio::spawn(admin::serve(
-                    self.admin_listener,
-                    readiness,
-                    self.metrics.clone(),
-                    self.limits,
-                    cancel.clone(),
-                )),
+        );
+        supervisor.spawn(
+            "admin server",
+            admin::serve(
+                self.admin_listener,
+                readiness,
+                self.metrics.clone(),
+                self.limits,
+                supervisor.cancel(),
             ),
-        ];
-        for (task, handle) in servers {
-            let exited = exited.clone();
-            tracker.spawn(async move {
-                let detail = match handle.await {
-                    Ok(Ok(())) => "it returned".to_owned(),
-                    Ok(Err(err)) => err.to_string(),
-                    Err(err) => err.to_string(),
-                };
-                let _ = exited.send((task, detail)).await;
-            });
-        }
-        self.tasks.spawn(&self.state, &tracker, &cancel);
+        );
+        self.background.spawn(&supervisor, self.events_instance);
         if let Some((rule, config)) = self.interception.clone() {
-            tracker.spawn(reconcile(rule, config.reconcile_interval, cancel.clone()));
+            supervisor.spawn_infallible(
+                "iptables reconcile",
+                reconcile(rule, config.reconcile_interval, supervisor.cancel()),
+            );
         }
-        tracker.close();
         tracing::info!("iamlet is serving");
 
-        let result = tokio::select! {
-            () = shutdown => Ok(()),
-            Some((task, detail)) = exits.recv() => Err(RunError::TaskExited { task, detail }),
-        };
-        tracing::info!("shutting down: draining in-flight requests");
-        cancel.cancel();
-        let bound = self.limits.shutdown_grace + Duration::from_secs(1);
-        if tokio::time::timeout(bound, tracker.wait()).await.is_err() {
-            tracing::warn!("servers did not stop within {bound:?}");
-        }
+        let drain = self.limits.shutdown_grace + Duration::from_secs(1);
+        let result = supervisor
+            .run(
+                async {
+                    shutdown.await;
+                    tracing::info!("shutting down: draining in-flight requests");
+                },
+                drain,
+            )
+            .await;
         match self.interception {
             Some((_, config)) if config.remove_on_exit => match blocking(iptables::remove).await {
                 Ok(_) => tracing::info!("interception rule removed (iptables.remove_on_exit)"),
@@ -217,7 +183,11 @@ impl App {
 
 /// Re-applies the interception rule every `interval` until `cancel`, so a flushed or edited
 /// nat table heals.
-async fn reconcile(rule: Interception, interval: Duration, cancel: CancellationToken) {
+async fn reconcile(
+    rule: Interception,
+    interval: Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -243,7 +213,8 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|err| std::panic::resume_unwind(err.into_panic()))
 }
 
-async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, BuildError> {
+/// Binds `addr`, the value of config key `key`, and logs the bound address.
+pub async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, BuildError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| BuildError::Bind { key, addr, source })?;
@@ -251,22 +222,8 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, BuildE
     Ok(listener)
 }
 
-fn local_addr(listener: &TcpListener) -> SocketAddr {
+pub fn local_addr(listener: &TcpListener) -> SocketAddr {
     listener
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
-}
-
-async fn base_role_arn(config: &Config, upstream: &Upstream) -> Result<BaseRoleArn, BuildError> {
-    if !config.aws.base_role_arn.is_empty() {
-        // Validated with the config.
-        return BaseRoleArn::parse(&config.aws.base_role_arn)
-            .map_err(|err| BuildError::BaseRoleArn(err.to_string()));
-    }
-    let profile = upstream
-        .instance_profile_arn()
-        .await
-        .map_err(|err| BuildError::BaseRoleArn(err.to_string()))?;
-    BaseRoleArn::from_instance_profile(&profile)
-        .map_err(|err| BuildError::BaseRoleArn(err.to_string()))
 }

@@ -1,6 +1,11 @@
 //! The seam between the pod-facing server and everything behind it. The IMDS server asks only
-//! "which role does the pod at this IP have?" and "credentials for this IP and role"; the
-//! standalone stack (pods + policy + cache + STS) answers here, a kiam server could too.
+//! "which role does the pod at this IP have?" and "credentials for this IP and role". Two
+//! brokers answer:
+//!
+//! - [`Local`]: pods from a watch (or the static table), policy, and STS through the
+//!   prefetching cache. The standalone agent uses it for its node's pods; `iamlet server` uses
+//!   the same one for the whole cluster's pods behind the kiam protocol.
+//! - the kiam client's broker (`kiam::KiamBroker`), which asks a remote server.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -13,8 +18,9 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::Clock;
 use crate::credentials::{self, AssumeRoleRequest, Cache, CredentialSource, Credentials};
 use crate::metrics::Metrics;
+use crate::pod::Pod;
+use crate::pods::PodLookup;
 use crate::pods::events::{DenialSender, Denied};
-use crate::pods::{Pod, PodLookup};
 use crate::policy::{self, Policy, Refusal, RoleArn};
 
 /// How long the prefetcher lets pod changes gather before it syncs the cache.
@@ -24,19 +30,58 @@ const SYNC_DEBOUNCE: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone)]
 pub struct PodRole {
     pub pod: Arc<Pod>,
-    pub role_arn: RoleArn,
+    pub role: Role,
+}
+
+/// A pod's role, as far as this node knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// The full ARN: always in standalone mode.
+    Arn(RoleArn),
+    /// Only the name: in server-backed mode, when the annotation is not a full ARN and no
+    /// `aws.base_role_arn` is configured (the server resolves it; the node need not know the
+    /// account).
+    Name(String),
+}
+
+impl Role {
+    /// The role's name, as IMDS lists it under `iam/security-credentials/`.
+    pub fn name(&self) -> &str {
+        match self {
+            Role::Arn(arn) => arn.name(),
+            Role::Name(name) => name,
+        }
+    }
+
+    /// The full ARN, where it is known.
+    pub fn arn(&self) -> Option<&RoleArn> {
+        match self {
+            Role::Arn(arn) => Some(arn),
+            Role::Name(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Role::Arn(arn) => arn.fmt(f),
+            Role::Name(name) => f.write_str(name),
+        }
+    }
 }
 
 /// Why a pod gets no role or no credentials. The IMDS server turns these into HTTP answers in
-/// one place (`imds::routes`).
+/// one place (`imds::routes`), the kiam server into gRPC statuses in one place
+/// (`kiam::server`).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     #[error("no pod is known at {0}")]
     UnknownPod(IpAddr),
     #[error("pod {pod} has no role")]
     NoRole { pod: String },
-    #[error("pod {pod} has an unusable role annotation: {source}")]
-    BadRole { pod: String, source: policy::Error },
+    #[error("pod {pod} has an unusable role annotation: {error}")]
+    BadRole { pod: String, error: policy::Error },
     #[error("pod {pod}: {denial}")]
     Forbidden { pod: String, denial: policy::Denial },
     #[error("pod {pod} asked for role {requested:?}, which is not its role")]
@@ -63,8 +108,8 @@ pub trait Broker: Send + Sync + 'static {
     fn ready(&self) -> bool;
 }
 
-/// Standalone mode: this node's pods, policy, and STS through the cache.
-pub struct Standalone<P, S, C> {
+/// Pods, policy, and STS through the cache: the agent's standalone mode, and `iamlet server`.
+pub struct Local<P, S, C> {
     pods: P,
     policy: Policy,
     cache: Cache<S, C>,
@@ -72,7 +117,7 @@ pub struct Standalone<P, S, C> {
     denials: Option<DenialSender>,
 }
 
-impl<P: PodLookup, S: CredentialSource, C: Clock> Standalone<P, S, C> {
+impl<P: PodLookup, S: CredentialSource, C: Clock> Local<P, S, C> {
     /// `denials`, when given, receives every policy denial for a Kubernetes Event.
     pub fn new(
         pods: P,
@@ -81,12 +126,77 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Standalone<P, S, C> {
         metrics: Metrics,
         denials: Option<DenialSender>,
     ) -> Self {
-        Standalone {
+        Local {
             pods,
             policy,
             cache,
             metrics,
             denials,
+        }
+    }
+
+    /// The pod that owns `ip`, waiting briefly for the watch to bring a new one.
+    pub async fn pod(&self, ip: IpAddr) -> Result<Arc<Pod>, Error> {
+        self.pods.lookup(ip).await.ok_or(Error::UnknownPod(ip))
+    }
+
+    /// The role `pod` may have under its namespace's policy. A denial is reported (log,
+    /// metric, Event) here.
+    pub fn role_of(&self, pod: &Pod) -> Result<RoleArn, Error> {
+        let namespace = self.pods.namespace_policy(&pod.namespace);
+        match self.policy.role_for(pod, namespace.as_deref()) {
+            Ok(role_arn) => Ok(role_arn),
+            Err(Refusal::NoRole) => Err(Error::NoRole { pod: pod.key() }),
+            Err(Refusal::BadRole(error)) => Err(Error::BadRole {
+                pod: pod.key(),
+                error,
+            }),
+            Err(Refusal::Denied(role, denial)) => Err(self.deny(pod, role.as_str(), denial)),
+        }
+    }
+
+    /// The role annotation of `pod` as written, or the configured default role where it has
+    /// none; empty when it has neither (what a kiam server answers to `GetPodRole`).
+    pub fn role_annotation<'a>(&'a self, pod: &'a Pod) -> &'a str {
+        pod.annotations
+            .role
+            .as_deref()
+            .or(self.policy.default_role.as_deref())
+            .unwrap_or_default()
+    }
+
+    /// Resolves a role as a client asked for it (a name, `path/name` or a full ARN) to an ARN.
+    pub fn resolve(&self, requested: &str) -> Result<RoleArn, policy::Error> {
+        RoleArn::resolve(requested, &self.policy.base_role_arn)
+    }
+
+    /// Credentials for `pod` in `role_arn` (which [`Local::role_of`] allowed), from the cache.
+    pub async fn credentials_for(
+        &self,
+        pod: &Pod,
+        role_arn: RoleArn,
+    ) -> Result<Arc<Credentials>, Error> {
+        let request = self.request_for(pod, role_arn);
+        Ok(self.cache.get(&request).await?)
+    }
+
+    /// Refuses `pod` the role `role` for `denial`: counted, logged and sent as an Event.
+    pub fn deny(&self, pod: &Pod, role: &str, denial: policy::Denial) -> Error {
+        self.metrics.observe_denial(denial.reason());
+        tracing::info!(pod = %pod.key(), role, reason = %denial, "role denied by policy");
+        if let Some(denials) = &self.denials {
+            // A full queue drops the Event: the log line and metric above already tell.
+            let _ = denials.try_send(Denied {
+                namespace: pod.namespace.clone(),
+                pod: pod.name.clone(),
+                uid: pod.uid.clone(),
+                role: role.to_owned(),
+                reason: denial.to_string(),
+            });
+        }
+        Error::Forbidden {
+            pod: pod.key(),
+            denial,
         }
     }
 
@@ -132,42 +242,16 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Standalone<P, S, C> {
             changes.borrow_and_update();
         }
     }
-
-    fn report(&self, pod: &Pod, role: &RoleArn, denial: &policy::Denial) {
-        self.metrics.observe_denial(denial.reason());
-        tracing::info!(pod = %pod.key(), role = %role, reason = %denial, "role denied by namespace policy");
-        if let Some(denials) = &self.denials {
-            // A full queue drops the Event: the log line and metric above already tell.
-            let _ = denials.try_send(Denied {
-                namespace: pod.namespace.clone(),
-                pod: pod.name.clone(),
-                uid: pod.uid.clone(),
-                role: role.to_string(),
-                reason: denial.to_string(),
-            });
-        }
-    }
 }
 
-impl<P: PodLookup, S: CredentialSource, C: Clock> Broker for Standalone<P, S, C> {
+impl<P: PodLookup, S: CredentialSource, C: Clock> Broker for Local<P, S, C> {
     async fn role(&self, ip: IpAddr) -> Result<PodRole, Error> {
-        let pod = self.pods.lookup(ip).await.ok_or(Error::UnknownPod(ip))?;
-        let namespace = self.pods.namespace_policy(&pod.namespace);
-        match self.policy.role_for(&pod, namespace.as_deref()) {
-            Ok(role_arn) => Ok(PodRole { pod, role_arn }),
-            Err(Refusal::NoRole) => Err(Error::NoRole { pod: pod.key() }),
-            Err(Refusal::BadRole(source)) => Err(Error::BadRole {
-                pod: pod.key(),
-                source,
-            }),
-            Err(Refusal::Denied(role, denial)) => {
-                self.report(&pod, &role, &denial);
-                Err(Error::Forbidden {
-                    pod: pod.key(),
-                    denial,
-                })
-            }
-        }
+        let pod = self.pod(ip).await?;
+        let role_arn = self.role_of(&pod)?;
+        Ok(PodRole {
+            pod,
+            role: Role::Arn(role_arn),
+        })
     }
 
     async fn credentials(
@@ -175,15 +259,19 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Broker for Standalone<P, S, C>
         ip: IpAddr,
         name: &str,
     ) -> Result<(PodRole, Arc<Credentials>), Error> {
-        let role = self.role(ip).await?;
-        if role.role_arn.name() != name {
+        let pod = self.pod(ip).await?;
+        let role_arn = self.role_of(&pod)?;
+        if role_arn.name() != name {
             return Err(Error::WrongRole {
-                pod: role.pod.key(),
+                pod: pod.key(),
                 requested: name.to_owned(),
             });
         }
-        let request = self.request_for(&role.pod, role.role_arn.clone());
-        let credentials = self.cache.get(&request).await?;
+        let credentials = self.credentials_for(&pod, role_arn.clone()).await?;
+        let role = PodRole {
+            pod,
+            role: Role::Arn(role_arn),
+        };
         Ok((role, credentials))
     }
 

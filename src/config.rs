@@ -25,6 +25,8 @@ pub struct Config {
     pub credentials: credentials::Config,
     pub iptables: iptables::Config,
     pub kiam: kiam::Config,
+    /// `iamlet server` only.
+    pub server: kiam::server::Config,
     pub log: telemetry::Config,
 }
 
@@ -160,7 +162,30 @@ impl Config {
         telemetry::filter(&self.log.level).map_err(|err| ConfigError::new("log.level", err))?;
         self.validate_iptables()?;
         self.validate_kiam()?;
+        self.validate_server()?;
         Ok(())
+    }
+
+    fn validate_server(&self) -> Result<(), ConfigError> {
+        let server = &self.server;
+        if !server.assume_role_arn.is_empty() {
+            policy::RoleArn::parse(&server.assume_role_arn)
+                .map_err(|err| ConfigError::new("server.assume_role_arn", err))?;
+        }
+        for (key, path) in [
+            ("server.cert", &server.cert),
+            ("server.key", &server.key),
+            ("server.ca", &server.ca),
+        ] {
+            if path.as_os_str().is_empty() {
+                return Err(ConfigError::new(
+                    key,
+                    "must not be empty (iamlet server requires mutual TLS)",
+                ));
+            }
+        }
+        positive("server.reload_interval", server.reload_interval)?;
+        positive("server.handshake_timeout", server.handshake_timeout)
     }
 
     fn validate_imds(&self) -> Result<(), ConfigError> {
@@ -480,6 +505,12 @@ mod tests {
             ("[log]\nformat = \"xml\"", "log.format"),
             ("[kiam]\nserver = \"kiam\"", "kiam.server"),
             ("[kiam]\nserver = \"kiam:443\"", "kiam.cert"),
+            (
+                "[server]\nassume_role_arn = \"kiam-server\"",
+                "server.assume_role_arn",
+            ),
+            ("[server]\nca = \"\"", "server.ca"),
+            ("[server]\nlisten = \"9610\"", "server.listen"),
             (
                 "[iptables]\nhost_interface = \"eth0 eth1\"",
                 "iptables.host_interface",

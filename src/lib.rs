@@ -30,8 +30,10 @@ pub mod iptables;
 pub mod kiam;
 pub mod metrics;
 pub mod mode;
+pub mod pod;
 pub mod pods;
 pub mod policy;
+pub mod supervisor;
 pub mod telemetry;
 
 pub use app::App;

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use iamlet::config::{Config, Overrides};
+use iamlet::kiam::server::Server;
 use iamlet::{App, admin, telemetry};
 
 #[derive(Parser)]
@@ -25,6 +26,8 @@ struct Cli {
 enum Command {
     /// Run the node daemon.
     Agent(AgentArgs),
+    /// Run the kiam-compatible server (cluster-wide watch, policy, STS) for server-backed agents.
+    Server(ServerArgs),
     /// Work with configuration files.
     Config {
         #[command(subcommand)]
@@ -83,6 +86,41 @@ struct AgentArgs {
     log_format: Option<String>,
 }
 
+#[derive(clap::Args)]
+struct ServerArgs {
+    /// TOML config file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// gRPC address (server.listen).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Admin address (admin.listen).
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
+    /// Log level or tracing directives (log.level).
+    #[arg(long)]
+    log_level: Option<String>,
+    /// text or json (log.format).
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+impl ServerArgs {
+    fn overrides(&self) -> Overrides {
+        let mut overrides: Overrides = Vec::new();
+        let mut set = |key, value: Option<String>| {
+            if let Some(value) = value {
+                overrides.push((key, value.into()));
+            }
+        };
+        set("server.listen", self.listen.map(|a| a.to_string()));
+        set("admin.listen", self.admin_listen.map(|a| a.to_string()));
+        set("log.level", self.log_level.clone());
+        set("log.format", self.log_format.clone());
+        overrides
+    }
+}
+
 impl AgentArgs {
     fn overrides(&self) -> Overrides {
         let mut overrides: Overrides = Vec::new();
@@ -122,12 +160,20 @@ fn main() -> ExitCode {
         Command::Iptables {
             action: IptablesAction::Uninstall { config },
         } => uninstall(config),
-        Command::Agent(args) => agent(&args),
+        Command::Agent(args) => daemon(args.config.as_deref(), args.overrides(), Daemon::Agent),
+        Command::Server(args) => daemon(args.config.as_deref(), args.overrides(), Daemon::Server),
     }
 }
 
-fn agent(args: &AgentArgs) -> ExitCode {
-    let config = match Config::load(args.config.as_deref(), args.overrides()) {
+/// Which long-running process to run.
+#[derive(Clone, Copy)]
+enum Daemon {
+    Agent,
+    Server,
+}
+
+fn daemon(file: Option<&std::path::Path>, overrides: Overrides, daemon: Daemon) -> ExitCode {
+    let config = match Config::load(file, overrides) {
         Ok(config) => config,
         Err(err) => {
             eprintln!("iamlet: configuration error: {err}");
@@ -149,9 +195,21 @@ fn agent(args: &AgentArgs) -> ExitCode {
         }
     };
     let result: anyhow::Result<()> = runtime.block_on(async {
-        tracing::info!(version = env!("CARGO_PKG_VERSION"), "iamlet agent starting");
-        let app = App::build(config).await.context("start-up failed")?;
-        app.run(shutdown_signal()).await?;
+        match daemon {
+            Daemon::Agent => {
+                tracing::info!(version = env!("CARGO_PKG_VERSION"), "iamlet agent starting");
+                let app = App::build(config).await.context("start-up failed")?;
+                app.run(shutdown_signal()).await?;
+            }
+            Daemon::Server => {
+                tracing::info!(
+                    version = env!("CARGO_PKG_VERSION"),
+                    "iamlet server starting"
+                );
+                let server = Server::build(config).await.context("start-up failed")?;
+                server.run(shutdown_signal()).await?;
+            }
+        }
         Ok(())
     });
     match result {

@@ -45,6 +45,8 @@ struct Inner {
     cache_entries: prometheus_client::metrics::gauge::Gauge,
     kiam_calls: Family<CallLabels, Counter>,
     kiam_duration: HistogramFamily<MethodLabels>,
+    server_calls: Family<CallLabels, Counter>,
+    server_duration: HistogramFamily<MethodLabels>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -170,7 +172,22 @@ impl Default for Metrics {
             "Time taken by one call (attempt) to the kiam server, by method",
             kiam_duration.clone(),
         );
+        let server_calls = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "server_calls",
+            "Calls answered by iamlet server, by method and gRPC code",
+            server_calls.clone(),
+        );
+        let server_duration: HistogramFamily<MethodLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "server_call_duration_seconds",
+            "Time iamlet server took to answer a call, by method",
+            server_duration.clone(),
+        );
         Metrics(Arc::new(Inner {
+            server_calls,
+            server_duration,
             kiam_calls,
             kiam_duration,
             cache_hits,
@@ -255,6 +272,17 @@ impl Metrics {
             .inc();
         self.0
             .kiam_duration
+            .get_or_create(&MethodLabels { method })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn observe_server_call(&self, method: &'static str, code: &'static str, elapsed: Duration) {
+        self.0
+            .server_calls
+            .get_or_create(&CallLabels { method, code })
+            .inc();
+        self.0
+            .server_duration
             .get_or_create(&MethodLabels { method })
             .observe(elapsed.as_secs_f64());
     }

@@ -1,6 +1,10 @@
-//! The two modes behind the one [`Broker`] seam: standalone (this node's pods, policy, the
-//! cache and STS) and server-backed (a kiam server over mutual TLS). Building a mode creates
-//! only what it needs: no STS client or Kubernetes client in server-backed mode.
+//! The two modes behind the one [`Broker`] seam: standalone (pods, policy, the cache and STS)
+//! and server-backed (a kiam server over mutual TLS). Building a mode creates only what it
+//! needs: in server-backed mode no STS client, no Kubernetes client, and nothing asked of the
+//! node's IMDS.
+//!
+//! The standalone stack is also what `iamlet server` serves, for the whole cluster's pods:
+//! [`local_stack`] builds it for either scope.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -8,57 +12,89 @@ use std::time::Duration;
 
 use aws_config::BehaviorVersion;
 use aws_config::timeout::TimeoutConfig;
+use aws_credential_types::provider::SharedCredentialsProvider;
 use aws_sdk_sts::config::Region;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::app::BuildError;
-use crate::broker::{self, Broker, PodRole, Standalone};
+use crate::broker::{self, Broker, Local, PodRole};
 use crate::clock::SystemClock;
 use crate::config::Config;
 use crate::credentials::{Cache, Credentials, RateLimiter, StsSource};
-use crate::imds;
-use crate::kiam::{KiamBroker, KiamClient, client::Discovery};
+use crate::imds::{self, Upstream};
+use crate::kiam::{self, KiamBroker, KiamClient, client::Discovery};
 use crate::metrics::Metrics;
 use crate::pods::events::{DenialSender, Denied};
-use crate::pods::{self, KubernetesPods, PodIndex, PodSource, StaticPods};
-use crate::policy::{BaseRoleArn, Policy};
+use crate::pods::{self, KubernetesPods, PodIndex, PodSource, Scope, StaticPods};
+use crate::policy::{self, BaseRoleArn, Policy};
+use crate::supervisor::Supervisor;
 
-type StandaloneBroker = Standalone<PodSource, StsSource, SystemClock>;
+/// Why a mode could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kiam: cannot set up the client for kiam.server")]
+    Kiam(#[source] kiam::client::SetupError),
+    #[error("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG)")]
+    Kubernetes(#[source] kube::Error),
+    #[error(
+        "pods.node_name is empty and NODE_NAME is not set: iamlet must know which node's pods to serve"
+    )]
+    NoNodeName,
+    #[error("aws.region: no region is configured and the default chain found none")]
+    NoRegion,
+    #[error(
+        "aws.base_role_arn is empty and could not be derived from the node's IMDS; set aws.base_role_arn"
+    )]
+    BaseRoleArn(#[source] BaseRoleArnError),
+}
+
+/// Why the base role ARN could not be derived.
+#[derive(Debug, thiserror::Error)]
+pub enum BaseRoleArnError {
+    #[error(transparent)]
+    Upstream(#[from] imds::UpstreamError),
+    #[error(transparent)]
+    Malformed(#[from] policy::Error),
+}
+
+/// The stack that answers from pods, policy and STS itself.
+pub type LocalBroker = Local<PodSource, StsSource, SystemClock>;
 
 pub enum Mode {
-    Standalone(StandaloneBroker),
+    Standalone(Arc<LocalBroker>),
     ServerBacked(KiamBroker),
 }
 
-/// What the Kubernetes source runs beside the servers.
+/// What the Kubernetes pod source runs beside the servers: the watch and the Event sender.
 pub struct KubernetesTasks {
     client: kube::Client,
-    node: String,
+    scope: Scope,
     index: Arc<PodIndex>,
     denials: mpsc::Receiver<Denied>,
 }
 
 /// What a mode runs beside the servers.
-pub enum Tasks {
-    Standalone(Option<KubernetesTasks>),
+pub enum Background {
+    Standalone(Arc<LocalBroker>, Option<KubernetesTasks>),
     ServerBacked(KiamClient, Box<Discovery>),
 }
 
 impl Mode {
+    /// Builds the configured mode. Only standalone mode asks the node's IMDS anything (the base
+    /// role ARN, when `aws.base_role_arn` is empty).
     pub async fn build(
         config: &Config,
-        base_role_arn: BaseRoleArn,
+        upstream: &Upstream,
         metrics: &Metrics,
-    ) -> Result<(Mode, Tasks), BuildError> {
+    ) -> Result<(Mode, Background), Error> {
         if config.kiam.enabled() {
-            let (client, discovery) = KiamClient::new(&config.kiam, metrics.clone())
-                .map_err(|err| BuildError::Kiam(err.to_string()))?;
+            let (client, discovery) =
+                KiamClient::new(&config.kiam, metrics.clone()).map_err(Error::Kiam)?;
             tracing::info!(
                 server = config.kiam.server.as_str(),
                 "server-backed mode: asking a kiam server"
             );
+            // Validated with the config; the node needs no base in this mode.
+            let base_role_arn = BaseRoleArn::parse(&config.aws.base_role_arn).ok();
             let broker = KiamBroker::new(
                 client.clone(),
                 base_role_arn,
@@ -66,29 +102,27 @@ impl Mode {
             );
             return Ok((
                 Mode::ServerBacked(broker),
-                Tasks::ServerBacked(client, Box::new(discovery)),
+                Background::ServerBacked(client, Box::new(discovery)),
             ));
         }
-        let sts = sts_client(config).await?;
-        let source = StsSource::new(sts, config.credentials.session_duration, metrics.clone());
-        let limiter = RateLimiter::new(config.credentials.sts_qps, config.credentials.sts_burst);
-        let cache = Cache::new(
-            source,
-            SystemClock,
-            config.credentials.refresh_before,
-            limiter,
-            metrics.clone(),
-        );
-        let (pods, kubernetes, denials) = pod_source(config).await?;
-        let policy = Policy {
+        let node = config.pods.node_name.trim();
+        if config.pods.source == pods::Source::Kubernetes && node.is_empty() {
+            return Err(Error::NoNodeName);
+        }
+        let base_role_arn = base_role_arn(config, upstream).await?;
+        let (broker, kubernetes) = local_stack(
+            config,
+            Scope::Node(node.to_owned()),
             base_role_arn,
-            default_role: Some(config.policy.default_role.clone()).filter(|r| !r.is_empty()),
-            allow_unannotated_namespaces: config.policy.allow_unannotated_namespaces,
-            session_name_template: config.credentials.session_name.clone(),
-            session_tags: config.credentials.session_tags,
-        };
-        let broker = Standalone::new(pods, policy, cache, metrics.clone(), denials);
-        Ok((Mode::Standalone(broker), Tasks::Standalone(kubernetes)))
+            None,
+            metrics,
+        )
+        .await?;
+        let broker = Arc::new(broker);
+        Ok((
+            Mode::Standalone(broker.clone()),
+            Background::Standalone(broker, kubernetes),
+        ))
     }
 
     /// Why `/readyz` says not ready, when it does.
@@ -127,52 +161,109 @@ impl Broker for Mode {
     }
 }
 
-impl Tasks {
-    /// Spawns the mode's background work on `tracker`, to stop with `cancel`.
-    pub fn spawn(
-        self,
-        state: &Arc<imds::State<Mode>>,
-        tracker: &TaskTracker,
-        cancel: &CancellationToken,
-    ) {
+impl Background {
+    /// Spawns the mode's background work under `supervisor`.
+    pub fn spawn(self, supervisor: &Supervisor, events_instance: String) {
         match self {
-            Tasks::Standalone(kubernetes) => {
-                let prefetcher = state.clone();
-                let stop = cancel.clone();
-                tracker.spawn(async move {
-                    if let Mode::Standalone(broker) = &prefetcher.broker {
-                        broker.follow_pods(stop).await;
-                    }
+            Background::Standalone(broker, kubernetes) => {
+                let cancel = supervisor.cancel();
+                supervisor.spawn_infallible("prefetcher", async move {
+                    broker.follow_pods(cancel).await;
                 });
                 if let Some(kubernetes) = kubernetes {
-                    tracker.spawn(pods::watch::run(
-                        kubernetes.client.clone(),
-                        kubernetes.node.clone(),
-                        kubernetes.index,
-                        cancel.clone(),
-                    ));
-                    tracker.spawn(pods::events::run(
-                        kubernetes.client,
-                        kubernetes.node,
-                        kubernetes.denials,
-                        cancel.clone(),
-                    ));
+                    kubernetes.spawn(supervisor, events_instance);
                 }
             }
-            Tasks::ServerBacked(client, discovery) => {
-                tracker.spawn(discovery.run(cancel.clone()));
-                let stop = cancel.clone();
-                tracker.spawn(async move { client.watch_health(stop).await });
+            Background::ServerBacked(client, discovery) => {
+                supervisor.spawn_infallible("kiam discovery", discovery.run(supervisor.cancel()));
+                let cancel = supervisor.cancel();
+                supervisor.spawn_infallible("kiam health check", async move {
+                    client.watch_health(cancel).await;
+                });
             }
         }
     }
+}
+
+impl KubernetesTasks {
+    fn spawn(self, supervisor: &Supervisor, events_instance: String) {
+        supervisor.spawn_infallible(
+            "pod watch",
+            pods::watch::run(
+                self.client.clone(),
+                self.scope,
+                self.index,
+                supervisor.cancel(),
+            ),
+        );
+        supervisor.spawn_infallible(
+            "event sender",
+            pods::events::run(
+                self.client,
+                events_instance,
+                self.denials,
+                supervisor.cancel(),
+            ),
+        );
+    }
+}
+
+/// The stack that answers from pods, policy and STS: the pod source for `scope`, the cache in
+/// front of STS, and the policy from the configuration. `sts_credentials`, when given, are the
+/// credentials STS is called with (`iamlet server`'s `assume_role_arn`); otherwise iamlet's
+/// own, from the default chain.
+pub async fn local_stack(
+    config: &Config,
+    scope: Scope,
+    base_role_arn: BaseRoleArn,
+    sts_credentials: Option<SharedCredentialsProvider>,
+    metrics: &Metrics,
+) -> Result<(LocalBroker, Option<KubernetesTasks>), Error> {
+    let sts = sts_client(config, sts_credentials).await?;
+    let source = StsSource::new(sts, config.credentials.session_duration, metrics.clone());
+    let cache = Cache::new(
+        source,
+        SystemClock,
+        config.credentials.refresh_before,
+        RateLimiter::new(config.credentials.sts_qps, config.credentials.sts_burst),
+        metrics.clone(),
+    );
+    let (pods, kubernetes, denials) = pod_source(config, scope).await?;
+    tracing::info!(
+        base_role_arn = base_role_arn.as_str(),
+        "role names resolve under this base"
+    );
+    let policy = Policy {
+        base_role_arn,
+        default_role: Some(config.policy.default_role.clone()).filter(|r| !r.is_empty()),
+        allow_unannotated_namespaces: config.policy.allow_unannotated_namespaces,
+        session_name_template: config.credentials.session_name.clone(),
+        session_tags: config.credentials.session_tags,
+    };
+    let broker = Local::new(pods, policy, cache, metrics.clone(), denials);
+    Ok((broker, kubernetes))
+}
+
+/// `aws.base_role_arn`, or the node's own account and partition from its IMDS `iam/info`.
+pub async fn base_role_arn(config: &Config, upstream: &Upstream) -> Result<BaseRoleArn, Error> {
+    if !config.aws.base_role_arn.is_empty() {
+        // Validated with the config.
+        return BaseRoleArn::parse(&config.aws.base_role_arn)
+            .map_err(|err| Error::BaseRoleArn(err.into()));
+    }
+    let derive = async {
+        let profile = upstream.instance_profile_arn().await?;
+        Ok::<_, BaseRoleArnError>(BaseRoleArn::from_instance_profile(&profile)?)
+    };
+    derive.await.map_err(Error::BaseRoleArn)
 }
 
 /// The configured pod source; for Kubernetes also what must run beside the servers, and the
 /// channel for denial Events.
 async fn pod_source(
     config: &Config,
-) -> Result<(PodSource, Option<KubernetesTasks>, Option<DenialSender>), BuildError> {
+    scope: Scope,
+) -> Result<(PodSource, Option<KubernetesTasks>, Option<DenialSender>), Error> {
     match config.pods.source {
         pods::Source::Static => {
             tracing::info!(
@@ -183,14 +274,15 @@ async fn pod_source(
             Ok((pods, None, None))
         }
         pods::Source::Kubernetes => {
-            if config.pods.node_name.trim().is_empty() {
-                return Err(BuildError::NoNodeName);
-            }
             let client = kube::Client::try_default()
                 .await
-                .map_err(|err| BuildError::Kubernetes(err.to_string()))?;
-            let node = config.pods.node_name.clone();
-            tracing::info!(node = node.as_str(), "watching this node's pods");
+                .map_err(Error::Kubernetes)?;
+            match &scope {
+                Scope::Node(node) => {
+                    tracing::info!(node = node.as_str(), "watching this node's pods")
+                }
+                Scope::Cluster => tracing::info!("watching every pod in the cluster"),
+            }
             let index = Arc::new(PodIndex::default());
             let pods = PodSource::Kubernetes(KubernetesPods {
                 index: index.clone(),
@@ -199,7 +291,7 @@ async fn pod_source(
             let (sender, denials) = mpsc::channel(256);
             let tasks = KubernetesTasks {
                 client,
-                node,
+                scope,
                 index,
                 denials,
             };
@@ -208,7 +300,12 @@ async fn pod_source(
     }
 }
 
-async fn sts_client(config: &Config) -> Result<aws_sdk_sts::Client, BuildError> {
+/// An STS client: iamlet's own credentials from the default chain unless `credentials` are
+/// given.
+pub async fn sts_client(
+    config: &Config,
+    credentials: Option<SharedCredentialsProvider>,
+) -> Result<aws_sdk_sts::Client, Error> {
     use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
     let http_client = aws_smithy_http_client::Builder::new()
         .tls_provider(Provider::Rustls(CryptoMode::Ring))
@@ -217,9 +314,16 @@ async fn sts_client(config: &Config) -> Result<aws_sdk_sts::Client, BuildError> 
     if !config.aws.region.is_empty() {
         loader = loader.region(Region::new(config.aws.region.clone()));
     }
+    if let Some(credentials) = credentials {
+        // They come from iamlet's own cache, which refreshes them ahead of expiry: the SDK
+        // must ask it on every call rather than keep a copy until it nearly expires.
+        loader = loader
+            .credentials_provider(credentials)
+            .identity_cache(aws_config::identity::IdentityCache::no_cache());
+    }
     let shared = loader.load().await;
     if shared.region().is_none() {
-        return Err(BuildError::NoRegion);
+        return Err(Error::NoRegion);
     }
     let timeouts = TimeoutConfig::builder()
         .connect_timeout(Duration::from_secs(2))

@@ -66,3 +66,16 @@ pub fn init(config: &Config) -> Result<(), String> {
     };
     installed.map_err(|err| err.to_string())
 }
+
+/// An error and its sources on one line, for a log field: many errors (the AWS SDK's, TLS)
+/// say little at the top level.
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

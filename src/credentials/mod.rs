@@ -94,12 +94,12 @@ impl fmt::Debug for Credentials {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// STS answered and said no (AccessDenied, a malformed request…): asking again won't help.
-    #[error("STS refused to assume {role_arn}: {message}")]
-    Refused { role_arn: RoleArn, message: String },
+    #[error("STS refused to assume {role}: {message}")]
+    Refused { role: String, message: String },
     /// STS could not be reached or was in trouble (throttling, 5xx, timeout): worth a retry.
-    #[error("STS unavailable ({kind}) while assuming {role_arn}: {message}")]
+    #[error("STS unavailable ({kind}) while assuming {role}: {message}")]
     Unavailable {
-        role_arn: RoleArn,
+        role: String,
         kind: Trouble,
         message: String,
     },

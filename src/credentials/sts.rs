@@ -54,7 +54,7 @@ impl CredentialSource for StsSource {
                     last_updated: SystemTime::now(),
                 })
                 .ok_or_else(|| Error::Unavailable {
-                    role_arn: request.role_arn.clone(),
+                    role: request.role_arn.to_string(),
                     kind: Trouble::ServerError,
                     message: "STS answered without credentials".to_owned(),
                 }),
@@ -75,7 +75,7 @@ const THROTTLING_CODES: &[&str] = &[
 ];
 
 fn classify(role_arn: &RoleArn, err: SdkError<AssumeRoleError, HttpResponse>) -> Error {
-    let role_arn = role_arn.clone();
+    let role = role_arn.to_string();
     match &err {
         SdkError::ServiceError(service) => {
             let code = service.err().code().unwrap_or("Unknown");
@@ -86,38 +86,26 @@ fn classify(role_arn: &RoleArn, err: SdkError<AssumeRoleError, HttpResponse>) ->
             let status = service.raw().status().as_u16();
             if status == 429 || THROTTLING_CODES.contains(&code) {
                 Error::Unavailable {
-                    role_arn,
+                    role,
                     kind: Trouble::Throttled,
                     message,
                 }
             } else if status >= 500 {
                 Error::Unavailable {
-                    role_arn,
+                    role,
                     kind: Trouble::ServerError,
                     message,
                 }
             } else {
-                Error::Refused { role_arn, message }
+                Error::Refused { role, message }
             }
         }
         _ => Error::Unavailable {
-            role_arn,
+            role,
             kind: Trouble::Network,
-            message: error_chain(&err),
+            message: crate::telemetry::chain(&err),
         },
     }
-}
-
-/// The error and its sources on one line: SDK errors say little at the top level.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn session_tags(tags: &[(String, String)]) -> Option<Vec<aws_sdk_sts::types::Tag>> {

@@ -19,6 +19,8 @@ mod proxy;
 mod routes;
 mod token;
 
+pub use document::timestamp;
+pub use proxy::Error as UpstreamError;
 pub use proxy::{DEFAULT_ALLOW, Upstream, check_upstream, compile_allow_list};
 pub use token::KeyError;
 pub use token::TokenKey;

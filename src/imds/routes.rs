@@ -160,16 +160,22 @@ async fn answer<B: Broker>(state: &State<B>, ip: IpAddr, metadata: Metadata<'_>)
         },
         Metadata::RoleName => match state.broker.role(ip).await {
             // Exactly the name: aws-sdk-rust fails on a trailing newline.
-            Ok(role) => Outcome::text(StatusCode::OK, role.role_arn.name().to_owned())
-                .for_pod(role.pod.key()),
+            Ok(role) => {
+                Outcome::text(StatusCode::OK, role.role.name().to_owned()).for_pod(role.pod.key())
+            }
             Err(err) => broker_error(err),
         },
         Metadata::Info => match state.broker.role(ip).await {
-            Ok(role) => Outcome::text(
-                StatusCode::OK,
-                document::info(&role.role_arn, SystemTime::now()),
-            )
-            .for_pod(role.pod.key()),
+            Ok(role) => match role.role.arn() {
+                Some(arn) => Outcome::text(StatusCode::OK, document::info(arn, SystemTime::now()))
+                    .for_pod(role.pod.key()),
+                // Server-backed mode without aws.base_role_arn knows only the role's name.
+                None => Outcome::text(
+                    StatusCode::NOT_FOUND,
+                    "iamlet: this node does not know the account of the pod's role\n",
+                )
+                .for_pod(role.pod.key()),
+            },
             Err(err) => broker_error(err),
         },
         Metadata::Credentials(name) => match state.broker.credentials(ip, name).await {

@@ -1,6 +1,8 @@
 //! The broker of server-backed mode: roles and credentials from the kiam server, credentials
 //! cached by (pod IP, role) until their refresh window (kiam agents cache nothing and pay a
-//! round trip on every request).
+//! round trip on every request). The node needs to know nothing: role names are taken from the
+//! annotation as the server states it; `aws.base_role_arn`, when set, only lets `iam/info`
+//! name the full ARN of relative role names.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -8,9 +10,9 @@ use std::time::{Duration, SystemTime};
 
 use super::client::{CallError, KiamClient};
 use super::proto;
-use crate::broker::{Broker, Error, PodRole};
+use crate::broker::{Broker, Error, PodRole, Role};
 use crate::credentials::{self, Credentials, Trouble};
-use crate::pods::Pod;
+use crate::pod::Pod;
 use crate::policy::{BaseRoleArn, Denial, RoleArn};
 
 type Key = (IpAddr, String);
@@ -36,14 +38,14 @@ impl moka::Expiry<Key, Arc<Credentials>> for UntilRefresh {
 
 pub struct KiamBroker {
     client: KiamClient,
-    base_role_arn: BaseRoleArn,
+    base_role_arn: Option<BaseRoleArn>,
     cache: moka::future::Cache<Key, Arc<Credentials>>,
 }
 
 impl KiamBroker {
     pub fn new(
         client: KiamClient,
-        base_role_arn: BaseRoleArn,
+        base_role_arn: Option<BaseRoleArn>,
         refresh_before: Duration,
     ) -> KiamBroker {
         let cache = moka::future::Cache::builder()
@@ -79,12 +81,22 @@ impl KiamBroker {
             }
             Err(CallError::Failed(message)) => return Err(Error::Unavailable(message)),
         };
-        let role_arn =
-            RoleArn::resolve(&role, &self.base_role_arn).map_err(|source| Error::BadRole {
-                pod: pod.key(),
-                source,
-            })?;
-        Ok((PodRole { pod, role_arn }, role))
+        let resolved = match &self.base_role_arn {
+            Some(base) => RoleArn::resolve(&role, base).map(Role::Arn),
+            None if role.trim().starts_with("arn:") => RoleArn::parse(role.trim()).map(Role::Arn),
+            None => RoleArn::name_in(&role).map(|name| Role::Name(name.to_owned())),
+        };
+        let role_ref = resolved.map_err(|error| Error::BadRole {
+            pod: pod.key(),
+            error,
+        })?;
+        Ok((
+            PodRole {
+                pod,
+                role: role_ref,
+            },
+            role,
+        ))
     }
 }
 
@@ -99,7 +111,7 @@ impl Broker for KiamBroker {
         name: &str,
     ) -> Result<(PodRole, Arc<Credentials>), Error> {
         let (role, annotated) = self.pod_role(ip).await?;
-        if role.role_arn.name() != name {
+        if role.role.name() != name {
             return Err(Error::WrongRole {
                 pod: role.pod.key(),
                 requested: name.to_owned(),
@@ -108,7 +120,7 @@ impl Broker for KiamBroker {
         // Ask with the role as the server stated it, as kiam agents do.
         let fetch = async {
             match self.client.pod_credentials(ip, &annotated).await {
-                Ok(answer) => to_credentials(&role.role_arn, answer).map(Arc::new),
+                Ok(answer) => to_credentials(&role.role, answer).map(Arc::new),
                 Err(CallError::Forbidden) => Err(Error::Forbidden {
                     pod: role.pod.key(),
                     denial: Denial::ByServer,
@@ -131,10 +143,10 @@ impl Broker for KiamBroker {
 }
 
 /// The server's answer as credentials; anything but `Success` is a refusal, as from STS.
-fn to_credentials(role_arn: &RoleArn, answer: proto::Credentials) -> Result<Credentials, Error> {
+fn to_credentials(role: &Role, answer: proto::Credentials) -> Result<Credentials, Error> {
     if answer.code != "Success" {
         return Err(Error::Credentials(credentials::Error::Refused {
-            role_arn: role_arn.clone(),
+            role: role.to_string(),
             message: format!("kiam server answered {}", answer.code),
         }));
     }
@@ -144,7 +156,7 @@ fn to_credentials(role_arn: &RoleArn, answer: proto::Credentials) -> Result<Cred
     };
     let expiration = parse(&answer.expiration).map_err(|err| {
         Error::Credentials(credentials::Error::Unavailable {
-            role_arn: role_arn.clone(),
+            role: role.to_string(),
             kind: Trouble::ServerError,
             message: format!(
                 "kiam server sent an unreadable expiration {:?}: {err}",

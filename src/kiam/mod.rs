@@ -6,10 +6,12 @@
 //! - `tls`: the client certificate, key and CA, re-read when their files change;
 //! - `client`: balancing over every address behind the server name, deadlines and retries;
 //! - `broker`: the [`crate::broker::Broker`] the pod-facing server uses in this mode, with a
-//!   cache by (pod IP, role).
+//!   cache by (pod IP, role);
+//! - `server`: `iamlet server`, the kiam-compatible server itself.
 
 mod broker;
 pub mod client;
+pub mod server;
 mod tls;
 
 pub mod proto {
@@ -77,6 +79,27 @@ impl Config {
     }
 }
 
-/// The error texts kiam servers answer with (gRPC status UNKNOWN), which agents act on.
+/// The error texts kiam servers answer with (gRPC status UNKNOWN), which agents act on:
+/// GetPodCredentials for an unknown IP (retried by agents),
 pub const NO_POD_FOUND: &str = "no pod found";
+/// GetPodRole for an unknown IP (kiam v4 passes its pod cache's error on; retried too),
+pub const POD_NOT_FOUND: &str = "pod not found";
+/// and a policy refusal (not retried).
 pub const FORBIDDEN: &str = "forbidden by policy";
+
+/// A gRPC code as a metric label.
+pub fn code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "ok",
+        Code::Unknown => "unknown",
+        Code::InvalidArgument => "invalid_argument",
+        Code::Unavailable => "unavailable",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::Unauthenticated => "unauthenticated",
+        Code::PermissionDenied => "permission_denied",
+        Code::Internal => "internal",
+        Code::Cancelled => "cancelled",
+        _ => "other",
+    }
+}

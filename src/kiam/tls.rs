@@ -1,4 +1,4 @@
-//! The client side of mutual TLS: certificate, key and CA from PEM files, and a fingerprint of
+//! The client side of mutual TLS (the agent's, in server-backed mode): certificate, key and CA from PEM files, and a fingerprint of
 //! the files so that a change (rotation) is noticed and the connections are rebuilt.
 
 use std::path::{Path, PathBuf};
@@ -17,6 +17,19 @@ pub struct Error {
 /// What identifies the files' current content cheaply: their sizes and modification times.
 pub type Fingerprint = Vec<(u64, Option<SystemTime>)>;
 
+/// The fingerprint of `paths`: their sizes and modification times (a missing file counts as
+/// empty), so a rotation that rewrites any of them changes it.
+pub fn fingerprint(paths: &[&Path]) -> Fingerprint {
+    paths
+        .iter()
+        .map(|path| {
+            std::fs::metadata(path)
+                .map(|meta| (meta.len(), meta.modified().ok()))
+                .unwrap_or((0, None))
+        })
+        .collect()
+}
+
 pub struct Files<'a> {
     pub cert: &'a Path,
     pub key: &'a Path,
@@ -33,14 +46,7 @@ impl Files<'_> {
     }
 
     pub fn fingerprint(&self) -> Fingerprint {
-        self.all()
-            .iter()
-            .map(|(_, path)| {
-                std::fs::metadata(path)
-                    .map(|meta| (meta.len(), meta.modified().ok()))
-                    .unwrap_or((0, None))
-            })
-            .collect()
+        fingerprint(&self.all().map(|(_, path)| path))
     }
 
     /// The TLS settings for connections to `server_name`, which the server's certificate must

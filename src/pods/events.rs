@@ -26,16 +26,17 @@ pub struct Denied {
 /// The sending side, held by the broker.
 pub type DenialSender = mpsc::Sender<Denied>;
 
-/// Publishes denials from `denials` as Events until `cancel`.
+/// Publishes denials from `denials` as Events until `cancel`. `instance` names this iamlet
+/// (its node, or the server's pod) as the Events' reporting instance.
 pub async fn run(
     client: kube::Client,
-    node: String,
+    instance: String,
     mut denials: mpsc::Receiver<Denied>,
     cancel: CancellationToken,
 ) {
     let reporter = Reporter {
         controller: "iamlet".to_owned(),
-        instance: Some(node),
+        instance: Some(instance),
     };
     let recorder = Recorder::new(client, reporter);
     let mut last: HashMap<(String, String), Instant> = HashMap::new();

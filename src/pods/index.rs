@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::Pod;
+use crate::pod::Pod;
 use crate::policy::NamespacePolicy;
 
 /// What the index keeps of a pod.
@@ -246,7 +246,7 @@ impl PodIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pods::Annotations;
+    use crate::pod::Annotations;
 
     const IP: &str = "10.1.2.3";
 

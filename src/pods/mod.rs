@@ -12,6 +12,7 @@ pub use static_table::StaticPods;
 
 use std::time::Duration;
 
+use crate::pod::Pod;
 use crate::policy::NamespacePolicy;
 
 use std::future::Future;
@@ -76,37 +77,13 @@ fn default_service_account() -> String {
     "default".to_owned()
 }
 
-/// What iamlet knows of a pod: enough to name it in logs and to decide its role.
+/// Which pods a Kubernetes source watches.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pod {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-    pub service_account: String,
-    pub annotations: Annotations,
-}
-
-/// The pod annotations iamlet reads.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Annotations {
-    /// `iam.amazonaws.com/role`
-    pub role: Option<String>,
-    /// `iam.amazonaws.com/external-id`
-    pub external_id: Option<String>,
-    /// `iam.amazonaws.com/session-name`
-    pub session_name: Option<String>,
-}
-
-impl Pod {
-    /// `namespace/name` for logs; the name alone where the namespace is not known (in
-    /// server-backed mode, a pod is known only by its IP).
-    pub fn key(&self) -> String {
-        if self.namespace.is_empty() {
-            self.name.clone()
-        } else {
-            format!("{}/{}", self.namespace, self.name)
-        }
-    }
+pub enum Scope {
+    /// The pods of one node (the agent).
+    Node(String),
+    /// Every pod in the cluster (`iamlet server`).
+    Cluster,
 }
 
 /// Finds the pod behind a source IP.

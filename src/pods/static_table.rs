@@ -4,7 +4,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::{Annotations, Pod, PodLookup, StaticPod};
+use super::{PodLookup, StaticPod};
+use crate::pod::{Annotations, Pod};
 use crate::policy::NamespacePolicy;
 
 #[derive(Debug)]

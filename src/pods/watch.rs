@@ -1,5 +1,6 @@
-//! The watch loop: kube-rs watchers on this node's pods (field selector `spec.nodeName`) and on
-//! namespaces (metadata only), turned into index changes. Only what iamlet needs of each object
+//! The watch loop: kube-rs watchers on pods (this node's, by field selector `spec.nodeName`, or
+//! the whole cluster's for `iamlet server`) and on namespaces (metadata only), turned into
+//! index changes. Only what iamlet needs of each object
 //! is kept; the rest is dropped on arrival.
 
 use std::net::IpAddr;
@@ -12,26 +13,26 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio_util::sync::CancellationToken;
 
+use super::Scope;
 use super::index::{Change, PodIndex, PodRecord};
-use super::{Annotations, Pod};
-use crate::policy::{NamespacePolicy, PERMITTED_ANNOTATION};
+use crate::pod::{
+    Annotations, EXTERNAL_ID_ANNOTATION, PERMITTED_ANNOTATION, Pod, ROLE_ANNOTATION,
+    SESSION_NAME_ANNOTATION,
+};
+use crate::policy::NamespacePolicy;
 
-const ROLE: &str = "iam.amazonaws.com/role";
-const EXTERNAL_ID: &str = "iam.amazonaws.com/external-id";
-const SESSION_NAME: &str = "iam.amazonaws.com/session-name";
-
-/// Keeps `index` current with this node's pods and all namespaces until `cancel`.
+/// Keeps `index` current with the pods in `scope` and all namespaces until `cancel`.
 pub async fn run(
     client: kube::Client,
-    node: String,
+    scope: Scope,
     index: Arc<PodIndex>,
     cancel: CancellationToken,
 ) {
-    let pods = watcher(
-        Api::<KubePod>::all(client.clone()),
-        watcher::Config::default().fields(&format!("spec.nodeName={node}")),
-    )
-    .default_backoff();
+    let pods_config = match &scope {
+        Scope::Node(node) => watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+        Scope::Cluster => watcher::Config::default(),
+    };
+    let pods = watcher(Api::<KubePod>::all(client.clone()), pods_config).default_backoff();
     // Metadata only: iamlet needs nothing of a namespace but its name and annotations.
     let namespaces = watcher(
         Api::<PartialObjectMeta<Namespace>>::all(client),
@@ -120,9 +121,11 @@ pub fn pod_record(pod: KubePod) -> PodRecord {
                 .filter(|sa| !sa.is_empty())
                 .unwrap_or_else(|| "default".to_owned()),
             annotations: Annotations {
-                role: annotations.remove(ROLE).filter(|r| !r.trim().is_empty()),
-                external_id: annotations.remove(EXTERNAL_ID),
-                session_name: annotations.remove(SESSION_NAME),
+                role: annotations
+                    .remove(ROLE_ANNOTATION)
+                    .filter(|r| !r.trim().is_empty()),
+                external_id: annotations.remove(EXTERNAL_ID_ANNOTATION),
+                session_name: annotations.remove(SESSION_NAME_ANNOTATION),
             },
         }),
         ip,

@@ -65,12 +65,12 @@ impl CredentialSource for FakeSts {
                 last_updated: now,
             }),
             Mode::Outage => Err(Error::Unavailable {
-                role_arn: request.role_arn.clone(),
+                role: request.role_arn.to_string(),
                 kind: Trouble::ServerError,
                 message: "503".into(),
             }),
             Mode::Refuse => Err(Error::Refused {
-                role_arn: request.role_arn.clone(),
+                role: request.role_arn.to_string(),
                 message: "AccessDenied".into(),
             }),
         }
