@@ -81,22 +81,222 @@ fn the_daemonset_has_what_a_node_daemon_needs() {
     }
 }
 
-#[test]
-fn only_standalone_gets_kubernetes_api_rights() {
-    let Some(standalone) = render("standalone") else {
-        return;
-    };
-    let Some(server_backed) = render("server-backed") else {
-        return;
-    };
-    assert!(standalone.contains("kind: ClusterRole\n"));
-    for rule in ["- pods", "- namespaces", "- events"] {
-        assert!(standalone.contains(rule), "standalone RBAC lacks {rule}");
+/// The rendered overlay's objects, parsed (with the venv's PyYAML).
+fn objects(overlay: &str) -> Option<Vec<serde_json::Value>> {
+    let rendered = render(overlay)?;
+    let mut python = Command::new(support::peer_program("python3"))
+        .args([
+            "-c",
+            "import sys, json, yaml; json.dump([d for d in yaml.safe_load_all(sys.stdin) if d], sys.stdout)",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python");
+    {
+        use std::io::Write;
+        let mut stdin = python.stdin.take().expect("stdin");
+        stdin.write_all(rendered.as_bytes()).expect("write");
     }
-    assert!(!standalone.contains("- secrets"), "more rights than needed");
-    assert!(!server_backed.contains("kind: ClusterRole"));
-    assert!(server_backed.contains("automountServiceAccountToken: false"));
-    assert!(server_backed.contains("secretName: iamlet-agent-tls"));
+    let out = python.wait_with_output().expect("python");
+    assert!(out.status.success(), "cannot parse the {overlay} overlay");
+    Some(serde_json::from_slice(&out.stdout).expect("json"))
+}
+
+fn find<'a>(objects: &'a [serde_json::Value], kind: &str, name: &str) -> &'a serde_json::Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+/// The rules granted to ServiceAccount `account` through ClusterRoleBindings, as
+/// (resource, verb) pairs.
+fn rights_of(objects: &[serde_json::Value], account: &str) -> Vec<(String, String)> {
+    let mut rights = Vec::new();
+    for binding in objects.iter().filter(|o| o["kind"] == "ClusterRoleBinding") {
+        let bound = binding["subjects"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|s| s["kind"] == "ServiceAccount" && s["name"] == account);
+        if !bound {
+            continue;
+        }
+        let role = find(
+            objects,
+            "ClusterRole",
+            binding["roleRef"]["name"].as_str().unwrap_or_default(),
+        );
+        for rule in role["rules"].as_array().into_iter().flatten() {
+            for resource in rule["resources"].as_array().into_iter().flatten() {
+                for verb in rule["verbs"].as_array().into_iter().flatten() {
+                    rights.push((
+                        resource.as_str().unwrap_or_default().to_owned(),
+                        verb.as_str().unwrap_or_default().to_owned(),
+                    ));
+                }
+            }
+        }
+    }
+    rights.sort();
+    rights.dedup();
+    rights
+}
+
+fn pairs(rights: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut pairs: Vec<_> = rights
+        .iter()
+        .map(|(r, v)| ((*r).to_owned(), (*v).to_owned()))
+        .collect();
+    pairs.sort();
+    pairs
+}
+
+/// What the Kubernetes pod source needs: read pods, list and watch namespaces, write Events.
+const POD_SOURCE_RIGHTS: [(&str, &str); 7] = [
+    ("events", "create"),
+    ("events", "patch"),
+    ("namespaces", "list"),
+    ("namespaces", "watch"),
+    ("pods", "get"),
+    ("pods", "list"),
+    ("pods", "watch"),
+];
+
+#[test]
+fn only_what_reads_pods_gets_kubernetes_api_rights() {
+    let Some(standalone) = objects("standalone") else {
+        return;
+    };
+    let Some(server_backed) = objects("server-backed") else {
+        return;
+    };
+    // Standalone: the agent reads pods; exactly the pod source's rights.
+    assert_eq!(rights_of(&standalone, "iamlet"), pairs(&POD_SOURCE_RIGHTS));
+    // Server-backed: the agents get nothing, not even a token; the server reads pods.
+    assert!(rights_of(&server_backed, "iamlet").is_empty());
+    let agents = find(&server_backed, "DaemonSet", "iamlet");
+    assert_eq!(
+        agents["spec"]["template"]["spec"]["automountServiceAccountToken"],
+        false
+    );
+    assert_eq!(
+        rights_of(&server_backed, "iamlet-server"),
+        pairs(&POD_SOURCE_RIGHTS)
+    );
+    let rendered = render("server-backed").unwrap_or_default();
+    assert!(rendered.contains("secretName: iamlet-agent-tls"));
+    assert!(!rendered.contains("- secrets"), "more rights than needed");
+}
+
+#[test]
+fn the_server_is_deployed_for_availability() {
+    let Some(objects) = objects("server-backed") else {
+        return;
+    };
+    let server = find(&objects, "Deployment", "iamlet-server");
+    let spec = &server["spec"]["template"]["spec"];
+    assert_eq!(server["spec"]["replicas"], 2);
+    let spread: Vec<&str> = spec["topologySpreadConstraints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["topologyKey"].as_str())
+        .collect();
+    assert!(
+        spread.contains(&"topology.kubernetes.io/zone"),
+        "{spread:?}"
+    );
+    let container = &spec["containers"][0];
+    assert_eq!(container["args"][0], "server");
+    let probe = container["readinessProbe"]["exec"]["command"].to_string();
+    assert!(
+        probe.contains("\"iamlet\",\"health\",\"--ready\""),
+        "{probe}"
+    );
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    let secrets: Vec<&str> = spec["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["secret"]["secretName"].as_str())
+        .collect();
+    assert_eq!(secrets, ["iamlet-server-tls"]);
+
+    let budget = find(&objects, "PodDisruptionBudget", "iamlet-server");
+    assert_eq!(budget["spec"]["minAvailable"], 1);
+    assert_eq!(
+        budget["spec"]["selector"]["matchLabels"],
+        server["spec"]["selector"]["matchLabels"]
+    );
+    let service = find(&objects, "Service", "iamlet-server");
+    assert_eq!(service["spec"]["clusterIP"], "None", "must be headless");
+    assert_eq!(service["spec"]["ports"][0]["port"], 9610);
+}
+
+#[test]
+fn both_sides_get_certificates_with_dns_names_only() {
+    let Some(objects) = objects("server-backed") else {
+        return;
+    };
+    let certificate = |name| find(&objects, "Certificate", name);
+    let (server, agent) = (certificate("iamlet-server"), certificate("iamlet-agent"));
+    assert_eq!(server["spec"]["secretName"], "iamlet-server-tls");
+    assert_eq!(agent["spec"]["secretName"], "iamlet-agent-tls");
+    for (certificate, usage) in [(server, "server auth"), (agent, "client auth")] {
+        let spec = &certificate["spec"];
+        assert!(
+            spec["ipAddresses"].is_null() && spec["uris"].is_null(),
+            "{spec}"
+        );
+        assert!(spec["dnsNames"].as_array().is_some_and(|n| !n.is_empty()));
+        assert!(
+            spec["usages"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|u| u == usage),
+            "{spec}"
+        );
+        // One CA signs both sides, so each trusts the other.
+        assert_eq!(spec["issuerRef"]["name"], "iamlet-ca");
+    }
+    // The host the agents dial is on the server's certificate.
+    let agent_config =
+        std::fs::read_to_string(support::repo().join("deploy/overlays/server-backed/iamlet.toml"))
+            .expect("iamlet.toml");
+    let host = agent_config
+        .lines()
+        .find_map(|line| line.strip_prefix("server = \""))
+        .and_then(|rest| rest.split(':').next())
+        .expect("kiam.server");
+    assert!(
+        server["spec"]["dnsNames"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|n| n == host),
+        "{host} is not on the server certificate"
+    );
+    // cert-manager's own objects have no schema offline: check the issuers exist.
+    find(&objects, "Issuer", "iamlet-ca");
+    find(&objects, "Issuer", "iamlet-selfsigned");
+}
+
+#[test]
+fn the_server_config_passes_config_check() {
+    let file = support::repo().join("deploy/overlays/server-backed/server.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_iamlet"))
+        .args(["config", "check"])
+        .arg(file)
+        .output()
+        .expect("run iamlet");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `iamlet config check` on an overlay's config, with the DaemonSet's environment.

@@ -10,60 +10,15 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
-use support::apiserver::{self, IAMLET_TOKEN, STRANGER_TOKEN};
+use support::apiserver::{self, IAMLET_TOKEN, STRANGER_TOKEN, create_namespace, run_pod};
 use support::http::{get, ip};
 use support::iamlet::{Iamlet, Setup};
 use support::{eventually, moto, rust_sdk};
 
 const WITHIN: Duration = Duration::from_secs(20);
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
-
-async fn create_namespace(client: &kube::Client, name: &str, permitted: Option<&str>) {
-    let mut annotations = serde_json::Map::new();
-    if let Some(permitted) = permitted {
-        annotations.insert("iam.amazonaws.com/permitted".into(), json!(permitted));
-    }
-    let namespace: Namespace = serde_json::from_value(json!({
-        "metadata": {"name": name, "annotations": annotations}
-    }))
-    .expect("namespace");
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &namespace)
-        .await
-        .expect("create namespace");
-}
-
-/// Creates a pod bound to `node` and, as its kubelet would, reports it running at `pod_ip`.
-async fn run_pod(
-    client: &kube::Client,
-    namespace: &str,
-    name: &str,
-    node: &str,
-    pod_ip: &str,
-    role: Option<&str>,
-    host_network: bool,
-) {
-    let mut annotations = serde_json::Map::new();
-    if let Some(role) = role {
-        annotations.insert("iam.amazonaws.com/role".into(), json!(role));
-    }
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": name, "annotations": annotations},
-        "spec": {"nodeName": node, "hostNetwork": host_network, "containers": [{"name": "app", "image": "app"}]}
-    }))
-    .expect("pod");
-    let pods = Api::<Pod>::namespaced(client.clone(), namespace);
-    pods.create(&PostParams::default(), &pod)
-        .await
-        .expect("create pod");
-    let status =
-        json!({"status": {"phase": "Running", "podIP": pod_ip, "podIPs": [{"ip": pod_ip}]}});
-    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .expect("set pod status");
-}
 
 fn start_iamlet(dir: &std::path::Path, token: &str, node: &str) -> Iamlet {
     let kubeconfig = apiserver::shared().kubeconfig(token);

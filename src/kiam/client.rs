@@ -19,7 +19,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use super::proto::kiam_service_client::KiamServiceClient;
 use super::proto::{self, GetHealthRequest, GetPodCredentialsRequest, GetPodRoleRequest};
 use super::tls::{self, Files};
-use super::{Config, FORBIDDEN, NO_POD_FOUND};
+use super::{Config, FORBIDDEN, NO_POD_FOUND, POD_NOT_FOUND};
 use crate::metrics::Metrics;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -184,6 +184,9 @@ impl KiamClient {
         let started = Instant::now();
         let until = started + deadline;
         let mut backoff = FIRST_BACKOFF;
+        // The server's last word: a deadline that cuts a retry short must not hide that the
+        // server said it knows no such pod.
+        let mut no_pod = false;
         loop {
             let attempt = Instant::now();
             let left = until.saturating_duration_since(attempt);
@@ -199,7 +202,8 @@ impl KiamClient {
                     let code = code_label(status.code());
                     let error = if status.message() == FORBIDDEN {
                         CallError::Forbidden
-                    } else if status.message() == NO_POD_FOUND {
+                    } else if status.message() == NO_POD_FOUND || status.message() == POD_NOT_FOUND
+                    {
                         CallError::NoPod
                     } else {
                         CallError::Failed(format!("{}: {}", status.code(), status.message()))
@@ -213,8 +217,9 @@ impl KiamClient {
                 Ok(value) => return Ok(value),
                 Err(CallError::Forbidden) => return Err(CallError::Forbidden),
                 Err(error) => {
+                    no_pod |= error == CallError::NoPod;
                     if Instant::now() + backoff >= until {
-                        return Err(error);
+                        return Err(if no_pod { CallError::NoPod } else { error });
                     }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);

@@ -1,8 +1,9 @@
 //! A real kube-apiserver (v1.20.2, built from Debian's source package by
 //! `.ci/kube-apiserver`) on a real etcd, on loopback. Authentication is a static token file:
-//! `admin` (system:masters), a token that authenticates as iamlet's ServiceAccount
-//! (`system:serviceaccount:iamlet-system:iamlet`), and a `stranger` with no rights. The RBAC
-//! that deploy/ ships is applied as it is, so iamlet runs with exactly those permissions.
+//! `admin` (system:masters), tokens that authenticate as iamlet's ServiceAccounts
+//! (`system:serviceaccount:iamlet-system:iamlet` for the agent, `…:iamlet-server` for the
+//! server), and a `stranger` with no rights. The RBAC that deploy/ ships is applied as it is,
+//! so iamlet runs with exactly those permissions.
 //! No kubelet or scheduler runs: tests create pods with `spec.nodeName` set and set their IP
 //! through the status subresource.
 
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 pub const ADMIN_TOKEN: &str = "admin-token";
 pub const IAMLET_TOKEN: &str = "iamlet-token";
 pub const STRANGER_TOKEN: &str = "stranger-token";
+pub const SERVER_TOKEN: &str = "iamlet-server-token";
 
 pub struct ApiServer {
     pub url: String,
@@ -186,7 +188,8 @@ fn start() -> ApiServer {
         format!(
             "{ADMIN_TOKEN},admin,admin-uid,\"system:masters\"\n\
              {IAMLET_TOKEN},system:serviceaccount:iamlet-system:iamlet,iamlet-uid,\"system:serviceaccounts,system:serviceaccounts:iamlet-system\"\n\
-             {STRANGER_TOKEN},stranger,stranger-uid\n"
+             {STRANGER_TOKEN},stranger,stranger-uid\n\
+             {SERVER_TOKEN},system:serviceaccount:iamlet-system:iamlet-server,iamlet-server-uid,\"system:serviceaccounts,system:serviceaccounts:iamlet-system\"\n"
         ),
     )
     .expect("tokens");
@@ -268,15 +271,19 @@ fn start() -> ApiServer {
             .display()
             .to_string(),
     ]);
-    kubectl(&[
-        "apply",
-        "--validate=false",
-        "-f",
-        &repo
-            .join("deploy/overlays/standalone/rbac.yaml")
-            .display()
-            .to_string(),
-    ]);
+    for rbac in [
+        "deploy/overlays/standalone/rbac.yaml",
+        "deploy/overlays/server-backed/server-rbac.yaml",
+    ] {
+        kubectl(&[
+            "apply",
+            "--validate=false",
+            "-n",
+            "iamlet-system",
+            "-f",
+            &repo.join(rbac).display().to_string(),
+        ]);
+    }
     server
 }
 
@@ -333,4 +340,53 @@ impl ApiServer {
         .expect("config");
         kube::Client::try_from(config).expect("client")
     }
+}
+
+/// Creates namespace `name`, with `permitted` as its `iam.amazonaws.com/permitted` policy.
+pub async fn create_namespace(client: &kube::Client, name: &str, permitted: Option<&str>) {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::{Api, PostParams};
+    let mut annotations = serde_json::Map::new();
+    if let Some(permitted) = permitted {
+        annotations.insert("iam.amazonaws.com/permitted".into(), permitted.into());
+    }
+    let namespace: Namespace = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "annotations": annotations}
+    }))
+    .expect("namespace");
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await
+        .expect("create namespace");
+}
+
+/// Creates a pod bound to `node` and, as its kubelet would, reports it running at `pod_ip`.
+pub async fn run_pod(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    node: &str,
+    pod_ip: &str,
+    role: Option<&str>,
+    host_network: bool,
+) {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, Patch, PatchParams, PostParams};
+    let mut annotations = serde_json::Map::new();
+    if let Some(role) = role {
+        annotations.insert("iam.amazonaws.com/role".into(), role.into());
+    }
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {"nodeName": node, "hostNetwork": host_network, "containers": [{"name": "app", "image": "app"}]}
+    }))
+    .expect("pod");
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace);
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+    let status = serde_json::json!({"status": {"phase": "Running", "podIP": pod_ip, "podIPs": [{"ip": pod_ip}]}});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("set pod status");
 }

@@ -108,6 +108,8 @@ impl Setup {
 pub struct Iamlet {
     pub imds: SocketAddr,
     pub admin: SocketAddr,
+    /// `iamlet server`'s gRPC address (unset for the agent).
+    pub grpc: SocketAddr,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -118,6 +120,7 @@ impl Iamlet {
         let config = dir.join("iamlet.toml");
         std::fs::write(&config, setup.toml(&dir.join("imds-token.key"))).expect("write config");
         Self::launch(
+            "agent",
             setup.netns.as_deref(),
             &config,
             &dir.join("iamlet.log"),
@@ -126,21 +129,49 @@ impl Iamlet {
         )
     }
 
+    /// Starts `iamlet server` with the config file `config` and `env`, logging JSON at debug
+    /// to `log`.
+    pub fn start_server(config: &Path, log: &Path, env: &[(String, String)]) -> Iamlet {
+        Self::launch("server", None, config, log, &["--log-level", "debug"], env)
+    }
+
+    /// Starts `iamlet agent` with the config file `config` and nothing else: no AWS
+    /// credentials, no KUBECONFIG or NODE_NAME in its environment (only PATH).
+    pub fn start_bare(config: &Path, log: &Path) -> Iamlet {
+        Self::spawn(
+            Self::command("agent", None, config, &["--log-level", "debug"]),
+            log,
+        )
+    }
+
     /// Starts iamlet with a config file and extra arguments (which must include
     /// `--log-level`), logging JSON to `log`.
     pub fn start_with(config: &Path, log: &Path, args: &[&str]) -> Iamlet {
-        Self::launch(None, config, log, args, &[])
+        Self::launch("agent", None, config, log, args, &[])
     }
 
-    /// As [`Iamlet::start_with`], inside network namespace `netns` when given, with `env`.
+    /// Runs `iamlet COMMAND --config CONFIG`, inside network namespace `netns` when given,
+    /// with iamlet's own AWS credentials (moto accepts any) and `env`.
     fn launch(
+        command_name: &str,
         netns: Option<&str>,
         config: &Path,
         log: &Path,
         args: &[&str],
         env: &[(String, String)],
     ) -> Iamlet {
-        let log_file = std::fs::File::create(log).expect("log file");
+        let mut command = Self::command(command_name, netns, config, args);
+        command
+            .env("AWS_ACCESS_KEY_ID", "AKIDNODEOWN")
+            .env("AWS_SECRET_ACCESS_KEY", "node-own-secret")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .envs(env.iter().map(|(k, v)| (k, v)));
+        Self::spawn(command, log)
+    }
+
+    /// `iamlet COMMAND --config CONFIG --log-format json ARGS`, with only PATH in its
+    /// environment.
+    fn command(command_name: &str, netns: Option<&str>, config: &Path, args: &[&str]) -> Command {
         let binary = env!("CARGO_BIN_EXE_iamlet");
         // `ip netns exec` execs the program, so the child's pid is iamlet's own.
         let mut command = match netns {
@@ -151,18 +182,19 @@ impl Iamlet {
             }
             None => Command::new(binary),
         };
-        let child = command
-            .args(["agent", "--config"])
+        command
+            .args([command_name, "--config"])
             .arg(config)
             .args(["--log-format", "json"])
             .args(args)
             .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            // iamlet's own AWS credentials: moto accepts any.
-            .env("AWS_ACCESS_KEY_ID", "AKIDNODEOWN")
-            .env("AWS_SECRET_ACCESS_KEY", "node-own-secret")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        command
+    }
+
+    fn spawn(mut command: Command, log: &Path) -> Iamlet {
+        let log_file = std::fs::File::create(log).expect("log file");
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
@@ -171,6 +203,7 @@ impl Iamlet {
         let mut iamlet = Iamlet {
             imds: ([0, 0, 0, 0], 0).into(),
             admin: ([0, 0, 0, 0], 0).into(),
+            grpc: ([0, 0, 0, 0], 0).into(),
             child: Some(child),
             log: log.to_owned(),
         };
@@ -191,6 +224,7 @@ impl Iamlet {
                     match (event["key"].as_str(), addr) {
                         (Some("imds.listen"), Some(addr)) => self.imds = addr,
                         (Some("admin.listen"), Some(addr)) => self.admin = addr,
+                        (Some("server.listen"), Some(addr)) => self.grpc = addr,
                         _ => {}
                     }
                 }

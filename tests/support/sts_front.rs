@@ -34,6 +34,10 @@ pub enum Fault {
 #[derive(Default)]
 struct Record {
     calls: HashMap<String, usize>,
+    /// (role ARN, access key id that signed the call) per AssumeRole call.
+    signers: Vec<(String, String)>,
+    /// (role ARN, access key id moto issued) per successful AssumeRole call.
+    issued: Vec<(String, String)>,
     times: Vec<std::time::Instant>,
     forms: Vec<HashMap<String, String>>,
     fault: Option<Fault>,
@@ -71,6 +75,16 @@ impl StsFront {
         self.record.lock().expect("record").forms.clone()
     }
 
+    /// (role ARN, access key id that signed the call), for every AssumeRole call.
+    pub fn signers(&self) -> Vec<(String, String)> {
+        self.record.lock().expect("record").signers.clone()
+    }
+
+    /// (role ARN, access key id issued), for every AssumeRole call that succeeded.
+    pub fn issued(&self) -> Vec<(String, String)> {
+        self.record.lock().expect("record").issued.clone()
+    }
+
     /// Puts STS in trouble (or out of it, with `None`).
     pub fn set_fault(&self, fault: Option<Fault>) {
         self.record.lock().expect("record").fault = fault;
@@ -94,11 +108,14 @@ pub fn start(bind: SocketAddr, moto: SocketAddr) -> StsFront {
                 .map(|b| b.to_bytes())
                 .unwrap_or_default();
             let form: HashMap<String, String> = url_decode_form(&body);
-            if form.get("Action").map(String::as_str) == Some("AssumeRole") {
-                let arn = form.get("RoleArn").cloned().unwrap_or_default();
+            let assume_role = form.get("Action").map(String::as_str) == Some("AssumeRole");
+            let arn = form.get("RoleArn").cloned().unwrap_or_default();
+            if assume_role {
+                let signer = signer(&parts.headers);
                 let fault = {
                     let mut record = record.lock().expect("record");
                     *record.calls.entry(arn.clone()).or_default() += 1;
+                    record.signers.push((arn.clone(), signer));
                     record.times.push(std::time::Instant::now());
                     record.forms.push(form.clone());
                     record.fault
@@ -140,6 +157,9 @@ pub fn start(bind: SocketAddr, moto: SocketAddr) -> StsFront {
                         .await
                         .map(|b| b.to_bytes())
                         .unwrap_or_default();
+                    if assume_role && let Some(key) = issued_key(&body) {
+                        record.lock().expect("record").issued.push((arn, key));
+                    }
                     Response::from_parts(parts, Full::new(body))
                 }
                 Err(err) => server::reply(502, "text/plain", format!("moto: {err}")),
@@ -167,6 +187,25 @@ fn access_denied(arn: &str) -> Response<Full<Bytes>> {
          <RequestId>c6104cbe-af31-11e0-8154-cbc7ccf896c7</RequestId></ErrorResponse>"
     );
     server::reply(403, "text/xml", body)
+}
+
+/// The access key id in a SigV4 `Authorization` header (`… Credential=AKID/date/…`).
+fn signer(headers: &hyper::HeaderMap) -> String {
+    headers
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split("Credential=").nth(1))
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The `AccessKeyId` in an AssumeRole answer.
+fn issued_key(body: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(body);
+    let start = text.find("<AccessKeyId>")? + "<AccessKeyId>".len();
+    let end = text[start..].find("</AccessKeyId>")?;
+    Some(text[start..start + end].to_owned())
 }
 
 /// `application/x-www-form-urlencoded` → map (the AWS query protocol STS speaks).

@@ -213,7 +213,7 @@ impl Server {
         );
         let instance = std::env::var("HOSTNAME").unwrap_or_else(|_| "iamlet-server".to_owned());
         self.background.spawn(&supervisor, instance);
-        tracing::info!("iamlet server is serving");
+        tracing::info!(mode = "server", "iamlet is serving");
         let drain = self.limits.shutdown_grace + Duration::from_secs(1);
         let result = supervisor
             .run(
