@@ -8,15 +8,21 @@
 //! 1. [`imds`]: the pod-facing HTTP server (tokens, routes, the upstream proxy);
 //! 2. [`broker`]: the one seam behind it: "which role has the pod at this IP?" and
 //!    "credentials for this IP and role";
-//! 3. [`pods`]: the pod behind an IP (static table; the Kubernetes watch comes next);
-//! 4. [`policy`]: annotation → role ARN, session name;
+//! 3. [`pods`]: the pod behind an IP (the Kubernetes watch, or a static table), described by
+//!    [`pod`];
+//! 4. [`policy`]: annotation → role ARN, namespace policy, session name;
 //! 5. [`credentials`]: the cache in front of STS `AssumeRole`.
+//!
+//! In server-backed mode ([`mode`]), 3 to 5 happen in `iamlet server` ([`kiam::server`]),
+//! which the agent asks over mutual-TLS gRPC ([`kiam`]); the server runs the same stack
+//! ([`broker::Local`]) for the whole cluster's pods.
 //!
 //! [`iptables`] installs and keeps the rule that sends pods to iamlet.
 //!
-//! Around them: [`config`] (the whole config tree), [`app`] (build, then run), [`admin`] and
-//! [`metrics`] (the admin port), [`telemetry`] (logs), [`http_server`] (the serving loop both
-//! listeners share), [`clock`] (injected time).
+//! Around them: [`config`] (the whole config tree), [`app`] (build, then run),
+//! [`supervisor`] (background tasks, watched), [`admin`] and [`metrics`] (the admin port),
+//! [`telemetry`] (logs), [`http_server`] (the serving loop both listeners share), [`clock`]
+//! (injected time).
 
 pub mod admin;
 pub mod app;

@@ -218,8 +218,18 @@ async fn a_kiam_client_gets_kiam_v4_answers_for_pods_on_every_node() {
     ] {
         run_pod(&admin, namespace, name, node, pod_ip, role, false).await;
     }
-    let server = start_server(SERVER_TOKEN, &moto::shared().url(), "");
+    let front = sts_front::start(([127, 0, 0, 1], 0).into(), moto::shared().addr);
+    let server = start_server(SERVER_TOKEN, &front.url(), "");
     server.wait_ready().await;
+    // Prefetched, as in the agent: each permitted identity is fetched before it is asked for.
+    eventually(
+        "both permitted identities are prefetched",
+        WITHIN,
+        || async {
+            front.assume_role_calls("srv-web") == 1 && front.assume_role_calls("srv-job") == 1
+        },
+    )
+    .await;
 
     let answers = server.kiam_agent(json!([
         {"method": "GetHealth"},
@@ -263,6 +273,25 @@ async fn a_kiam_client_gets_kiam_v4_answers_for_pods_on_every_node() {
         assert_eq!(answer, &unknown("forbidden by policy"));
     }
     assert_eq!(answers[11], unknown("no pod found"));
+    // Both answers came from the cache: no STS call on the request path.
+    assert_eq!(
+        (
+            front.assume_role_calls("srv-web"),
+            front.assume_role_calls("srv-job")
+        ),
+        (1, 1)
+    );
+    assert_eq!(
+        server
+            .iamlet
+            .metric("iamlet_credential_cache_misses_total")
+            .await,
+        0.0
+    );
+    assert!(
+        front.assume_role_calls("admin") == 0,
+        "a denied role reached STS"
+    );
 
     // Denials are counted and reported on the pod, as in the agent.
     assert!(

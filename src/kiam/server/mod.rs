@@ -1,6 +1,6 @@
 //! `iamlet server`: the kiam-compatible server, so that clusters whose worker nodes must not
 //! hold `sts:AssumeRole` need nothing but iamlet. It serves `kiam.KiamService` over mutual TLS
-//! with kiam v4's semantics, from the same stack as the standalone agent ([`Local`]: the pod
+//! with kiam v4's semantics, from the same stack as the standalone agent ([`Local`](crate::broker::Local): the pod
 //! index, policy, the prefetching cache and the STS rate limiter), watching every pod in the
 //! cluster instead of one node's.
 //!
