@@ -20,12 +20,15 @@ use crate::metrics::Metrics;
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// The Unix socket `iamlet status` reads (pods have no route to it); empty = none.
+    pub status_socket: std::path::PathBuf,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             listen: ([127, 0, 0, 1], 8182).into(),
+            status_socket: std::path::PathBuf::from("/run/iamlet/status.sock"),
         }
     }
 }

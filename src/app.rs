@@ -17,6 +17,7 @@ use crate::imds::{self, TokenKey, Upstream};
 use crate::iptables::{self, Interception};
 use crate::metrics::Metrics;
 use crate::mode::{self, Background, Mode};
+use crate::status;
 use crate::supervisor::{Supervisor, TaskExited};
 
 /// How long iamlet waits on the node's IMDS for proxied paths and start-up autodetection.
@@ -39,11 +40,14 @@ pub enum BuildError {
     Mode(#[from] mode::Error),
     #[error("cannot install the interception rule")]
     Iptables(#[source] iptables::Error),
+    #[error(transparent)]
+    Status(#[from] status::Error),
 }
 
 pub struct App {
     imds_listener: TcpListener,
     admin_listener: TcpListener,
+    status_listener: Option<tokio::net::UnixListener>,
     state: Arc<imds::State<Mode>>,
     metrics: Metrics,
     limits: Limits,
@@ -58,6 +62,7 @@ impl App {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let imds_listener = bind("imds.listen", config.imds.listen).await?;
         let admin_listener = bind("admin.listen", config.admin.listen).await?;
+        let status_listener = bind_status(&config.admin).await?;
         let tokens =
             TokenKey::load_or_create(&config.imds.token_key_file).map_err(BuildError::TokenKey)?;
         let upstream = Upstream::new(
@@ -100,6 +105,7 @@ impl App {
             interception,
             imds_listener,
             admin_listener,
+            status_listener,
             state,
             metrics,
             limits: Limits {
@@ -147,6 +153,17 @@ impl App {
                 supervisor.cancel(),
             ),
         );
+        if let Some(listener) = self.status_listener {
+            let state = self.state.clone();
+            supervisor.spawn(
+                "status socket",
+                status::serve(
+                    listener,
+                    Arc::new(move || state.broker.status()),
+                    supervisor.cancel(),
+                ),
+            );
+        }
         self.background.spawn(&supervisor, self.events_instance);
         if let Some((rule, config)) = self.interception.clone() {
             supervisor.spawn_infallible(
@@ -211,6 +228,16 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(call)
         .await
         .unwrap_or_else(|err| std::panic::resume_unwind(err.into_panic()))
+}
+
+/// The status socket, unless `admin.status_socket` is empty.
+pub async fn bind_status(
+    config: &admin::Config,
+) -> Result<Option<tokio::net::UnixListener>, BuildError> {
+    if config.status_socket.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(status::bind(&config.status_socket).await?))
 }
 
 /// Binds `addr`, the value of config key `key`, and logs the bound address.

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
@@ -19,8 +19,8 @@ use crate::clock::Clock;
 use crate::credentials::{self, AssumeRoleRequest, Cache, CredentialSource, Credentials};
 use crate::metrics::Metrics;
 use crate::pod::Pod;
-use crate::pods::PodLookup;
 use crate::pods::events::{DenialSender, Denied};
+use crate::pods::{PodLookup, Standing};
 use crate::policy::{self, Policy, Refusal, RoleArn};
 
 /// How long the prefetcher lets pod changes gather before it syncs the cache.
@@ -93,6 +93,18 @@ pub enum Error {
     Unavailable(String),
 }
 
+/// One pod as `iamlet status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodStatus {
+    pub ip: Option<IpAddr>,
+    /// `namespace/name`, or `-` where only the IP is known (server-backed mode).
+    pub pod: String,
+    /// The role it is served, or why it has none.
+    pub role: Result<String, String>,
+    /// When its cached credentials expire, if any are cached.
+    pub expires: Option<SystemTime>,
+}
+
 pub trait Broker: Send + Sync + 'static {
     /// The role of the pod at `ip`.
     fn role(&self, ip: IpAddr) -> impl Future<Output = Result<PodRole, Error>> + Send;
@@ -106,6 +118,48 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Whether everything behind the broker is ready to answer (`/readyz`).
     fn ready(&self) -> bool;
+
+    /// Every pod known here, its role or why it has none, and its cached credentials'
+    /// expiry (`iamlet status`), ordered by IP.
+    fn status(&self) -> Vec<PodStatus>;
+}
+
+/// Remembers which pod has been served which role, so that the first time is logged at
+/// `info` ("who got what" without debug logs) and the rest are not. Bounded; entries of pods
+/// that are gone are dropped when the pods change.
+pub struct FirstServed {
+    seen: moka::sync::Cache<(String, String), ()>,
+}
+
+impl Default for FirstServed {
+    fn default() -> Self {
+        FirstServed {
+            seen: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .support_invalidation_closures()
+                .build(),
+        }
+    }
+}
+
+impl FirstServed {
+    /// Whether `pod` is served `role` for the first time (and remembers that it has been).
+    pub fn first(&self, pod: &str, role: &str) -> bool {
+        let key = (pod.to_owned(), role.to_owned());
+        if self.seen.contains_key(&key) {
+            return false;
+        }
+        self.seen.insert(key, ());
+        true
+    }
+
+    /// Forgets the pods that `alive` says are gone.
+    pub fn retain(&self, alive: impl Fn(&str) -> bool + Send + Sync + 'static) {
+        // Only fails when closures are not supported, which the builder enables.
+        let _ = self
+            .seen
+            .invalidate_entries_if(move |(pod, _), ()| !alive(pod));
+    }
 }
 
 /// Pods, policy, and STS through the cache: the agent's standalone mode, and `iamlet server`.
@@ -115,6 +169,7 @@ pub struct Local<P, S, C> {
     cache: Cache<S, C>,
     metrics: Metrics,
     denials: Option<DenialSender>,
+    served: FirstServed,
 }
 
 impl<P: PodLookup, S: CredentialSource, C: Clock> Local<P, S, C> {
@@ -132,6 +187,7 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Local<P, S, C> {
             cache,
             metrics,
             denials,
+            served: FirstServed::default(),
         }
     }
 
@@ -177,7 +233,16 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Local<P, S, C> {
         role_arn: RoleArn,
     ) -> Result<Arc<Credentials>, Error> {
         let request = self.request_for(pod, role_arn);
-        Ok(self.cache.get(&request).await?)
+        let credentials = self.cache.get(&request).await?;
+        if self.served.first(&pod.uid, request.role_arn.as_str()) {
+            tracing::info!(
+                pod = %pod.key(),
+                role = %request.role_arn,
+                session_name = request.session_name.as_str(),
+                "serving a pod its role for the first time"
+            );
+        }
+        Ok(credentials)
     }
 
     /// Refuses `pod` the role `role` for `denial`: counted, logged and sent as an Event.
@@ -230,6 +295,13 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Local<P, S, C> {
         loop {
             if self.pods.ready() {
                 self.cache.sync(&self.wanted());
+                let alive: HashSet<String> = self
+                    .pods
+                    .known()
+                    .into_iter()
+                    .map(|known| known.pod.uid.clone())
+                    .collect();
+                self.served.retain(move |uid| alive.contains(uid));
             }
             tokio::select! {
                 () = cancel.cancelled() => return,
@@ -241,6 +313,45 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Local<P, S, C> {
             }
             changes.borrow_and_update();
         }
+    }
+}
+
+impl<P: PodLookup, S: CredentialSource, C: Clock> Local<P, S, C> {
+    /// `iamlet status`: every known pod, with its role or why it has none. Decides policy
+    /// without reporting denials (looking is not asking).
+    fn pod_status(&self) -> Vec<PodStatus> {
+        let mut lines: Vec<PodStatus> = self
+            .pods
+            .known()
+            .into_iter()
+            .map(|known| {
+                let role = match known.standing {
+                    Standing::Servable => {
+                        let namespace = self.pods.namespace_policy(&known.pod.namespace);
+                        self.policy
+                            .role_for(&known.pod, namespace.as_deref())
+                            .map_err(|refusal| match refusal {
+                                Refusal::NoRole => "no role annotation".to_owned(),
+                                Refusal::BadRole(error) => format!("unusable annotation: {error}"),
+                                Refusal::Denied(_, denial) => format!("denied: {denial}"),
+                            })
+                    }
+                    standing => Err(standing.to_string()),
+                };
+                let expires = role.as_ref().ok().and_then(|role_arn| {
+                    self.cache
+                        .expiry(&self.request_for(&known.pod, role_arn.clone()))
+                });
+                PodStatus {
+                    ip: known.ip,
+                    pod: known.pod.key(),
+                    role: role.map(|role_arn| role_arn.to_string()),
+                    expires,
+                }
+            })
+            .collect();
+        lines.sort_by(|a, b| (a.ip, &a.pod).cmp(&(b.ip, &b.pod)));
+        lines
     }
 }
 
@@ -277,5 +388,9 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Broker for Local<P, S, C> {
 
     fn ready(&self) -> bool {
         self.pods.ready()
+    }
+
+    fn status(&self) -> Vec<PodStatus> {
+        self.pod_status()
     }
 }

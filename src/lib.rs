@@ -21,6 +21,7 @@
 //!
 //! Around them: [`config`] (the whole config tree), [`app`] (build, then run),
 //! [`supervisor`] (background tasks, watched), [`admin`] and [`metrics`] (the admin port),
+//! [`status`] (`iamlet status`, on a Unix socket),
 //! [`telemetry`] (logs), [`http_server`] (the serving loop both listeners share), [`clock`]
 //! (injected time).
 
@@ -39,6 +40,7 @@ pub mod mode;
 pub mod pod;
 pub mod pods;
 pub mod policy;
+pub mod status;
 pub mod supervisor;
 pub mod telemetry;
 

@@ -38,6 +38,11 @@ enum Command {
         #[command(subcommand)]
         action: IptablesAction,
     },
+    /// List the pods a running iamlet knows: IP, pod, role (or why none), credentials' expiry.
+    Status {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Probe a running iamlet's admin port; exit 0 when it answers 200.
     Health {
         #[arg(long, short)]
@@ -157,6 +162,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Health { config, ready } => health(config, ready),
+        Command::Status { config } => status(config),
         Command::Iptables {
             action: IptablesAction::Uninstall { config },
         } => uninstall(config),
@@ -255,6 +261,38 @@ fn uninstall(config: Option<PathBuf>) -> ExitCode {
         }
         Err(err) => {
             eprintln!("iamlet iptables uninstall: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn status(config: Option<PathBuf>) -> ExitCode {
+    let config = match Config::load(config.as_deref(), Vec::new()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("iamlet status: configuration error: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if config.admin.status_socket.as_os_str().is_empty() {
+        eprintln!("iamlet status: admin.status_socket is empty: this iamlet serves no status");
+        return ExitCode::FAILURE;
+    }
+    let table = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| {
+            rt.block_on(iamlet::status::fetch(&config.admin.status_socket))
+                .map_err(anyhow::Error::from)
+        });
+    match table {
+        Ok(table) => {
+            print!("{table}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("iamlet status: {err:#}");
             ExitCode::FAILURE
         }
     }

@@ -16,7 +16,7 @@ use aws_credential_types::provider::SharedCredentialsProvider;
 use aws_sdk_sts::config::Region;
 use tokio::sync::mpsc;
 
-use crate::broker::{self, Broker, Local, PodRole};
+use crate::broker::{self, Broker, Local, PodRole, PodStatus};
 use crate::clock::SystemClock;
 use crate::config::Config;
 use crate::credentials::{Cache, Credentials, RateLimiter, StsSource};
@@ -61,7 +61,7 @@ pub type LocalBroker = Local<PodSource, StsSource, SystemClock>;
 
 pub enum Mode {
     Standalone(Arc<LocalBroker>),
-    ServerBacked(KiamBroker),
+    ServerBacked(Box<KiamBroker>),
 }
 
 /// What the Kubernetes pod source runs beside the servers: the watch and the Event sender.
@@ -101,7 +101,7 @@ impl Mode {
                 config.credentials.refresh_before,
             );
             return Ok((
-                Mode::ServerBacked(broker),
+                Mode::ServerBacked(Box::new(broker)),
                 Background::ServerBacked(client, Box::new(discovery)),
             ));
         }
@@ -157,6 +157,13 @@ impl Broker for Mode {
         match self {
             Mode::Standalone(broker) => broker.ready(),
             Mode::ServerBacked(broker) => broker.ready(),
+        }
+    }
+
+    fn status(&self) -> Vec<PodStatus> {
+        match self {
+            Mode::Standalone(broker) => broker.status(),
+            Mode::ServerBacked(broker) => broker.status(),
         }
     }
 }

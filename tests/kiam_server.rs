@@ -74,11 +74,12 @@ fn start_server(token: &str, sts: &str, extra: &str) -> Server {
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n\
              reload_interval = \"200ms\"\n{extra}\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\nstatus_socket = \"{}\"\n\n\
              [aws]\nregion = \"us-east-1\"\nsts_endpoint = \"{sts}\"\nbase_role_arn = \"{ACCOUNT_BASE}\"\n",
             pki.path("tls.crt").display(),
             pki.path("tls.key").display(),
             pki.path("ca.crt").display(),
+            dir.path().join("status.sock").display(),
         ),
     )
     .expect("config");
@@ -494,11 +495,12 @@ async fn an_agent_that_knows_nothing_serves_a_real_sdk_through_iamlet_server() {
         &config,
         format!(
             "[imds]\nlisten = \"127.0.0.1:{}\"\ntoken_key_file = \"{}\"\nupstream = \"http://127.0.0.1:9\"\n\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\nstatus_socket = \"{}\"\n\n\
              [kiam]\nserver = \"localhost:{}\"\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n\
              request_deadline = \"2s\"\n",
             support::free_port(),
             dir.path().join("token.key").display(),
+            dir.path().join("status.sock").display(),
             server.iamlet.grpc.port(),
             server.pki.path("client.crt").display(),
             server.pki.path("client.key").display(),

@@ -148,6 +148,14 @@ impl<S: CredentialSource, C: Clock> Cache<S, C> {
         }
     }
 
+    /// When the cached credentials for `request` expire, if any are cached (for `iamlet
+    /// status`). Never fetches, and never creates an entry; `None` while a fetch holds it.
+    pub fn expiry(&self, request: &AssumeRoleRequest) -> Option<SystemTime> {
+        let entry = self.inner.entries.get(request)?;
+        let state = entry.state.try_lock().ok()?;
+        state.credentials.as_ref().map(|c| c.expiration)
+    }
+
     /// Makes the cache hold exactly `wanted`: new keys are fetched in the background now,
     /// keys no longer wanted are evicted, and refusals may be retried (pods or policy changed).
     pub fn sync(&self, wanted: &HashSet<AssumeRoleRequest>) {

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use super::client::{CallError, KiamClient};
 use super::proto;
-use crate::broker::{Broker, Error, PodRole, Role};
+use crate::broker::{Broker, Error, FirstServed, PodRole, PodStatus, Role};
 use crate::credentials::{self, Credentials, Trouble};
 use crate::pod::Pod;
 use crate::policy::{BaseRoleArn, Denial, RoleArn};
@@ -40,6 +40,7 @@ pub struct KiamBroker {
     client: KiamClient,
     base_role_arn: Option<BaseRoleArn>,
     cache: moka::future::Cache<Key, Arc<Credentials>>,
+    served: FirstServed,
 }
 
 impl KiamBroker {
@@ -56,6 +57,7 @@ impl KiamBroker {
             client,
             base_role_arn,
             cache,
+            served: FirstServed::default(),
         }
     }
 
@@ -134,11 +136,30 @@ impl Broker for KiamBroker {
             .try_get_with((ip, annotated.clone()), fetch)
             .await
             .map_err(|err| (*err).clone())?;
+        if self.served.first(&ip.to_string(), &annotated) {
+            tracing::info!(pod = %ip, role = annotated.as_str(), "serving a pod its role for the first time");
+        }
         Ok((role, credentials))
     }
 
     fn ready(&self) -> bool {
         self.client.healthy()
+    }
+
+    /// Only what this node has cached: in this mode the server knows the pods.
+    fn status(&self) -> Vec<PodStatus> {
+        let mut lines: Vec<PodStatus> = self
+            .cache
+            .iter()
+            .map(|(key, credentials)| PodStatus {
+                ip: Some(key.0),
+                pod: "-".to_owned(),
+                role: Ok(key.1.clone()),
+                expires: Some(credentials.expiration),
+            })
+            .collect();
+        lines.sort_by(|a, b| (a.ip, &a.role).cmp(&(b.ip, &b.role)));
+        lines
     }
 }
 

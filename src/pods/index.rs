@@ -226,6 +226,40 @@ impl PodIndex {
             .collect()
     }
 
+    /// Every pod in the index, and whether it may be served by IP (for `iamlet status`).
+    pub fn known(&self) -> Vec<super::Known> {
+        use super::Standing;
+        let state = self.read();
+        state
+            .pods
+            .values()
+            .map(|record| {
+                let standing = if record.host_network {
+                    Standing::HostNetwork
+                } else if record.finished {
+                    Standing::Finished
+                } else {
+                    match record.claim().and_then(|ip| state.claims.get(&ip)) {
+                        None => Standing::NoIp,
+                        Some(owners) if owners.len() == 1 => Standing::Servable,
+                        Some(owners) => Standing::Conflict(
+                            owners
+                                .iter()
+                                .filter(|uid| **uid != record.pod.uid)
+                                .filter_map(|uid| state.pods.get(uid).map(|r| r.pod.key()))
+                                .collect(),
+                        ),
+                    }
+                };
+                super::Known {
+                    pod: record.pod.clone(),
+                    ip: record.ip,
+                    standing,
+                }
+            })
+            .collect()
+    }
+
     /// A receiver that changes whenever the index does.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
@@ -360,6 +394,28 @@ mod tests {
             index.lookup("10.9.9.9".parse().expect("ip")),
             Lookup::Found(_)
         ));
+    }
+
+    #[test]
+    fn known_pods_say_why_they_are_not_served() {
+        use crate::pods::Standing;
+        let index = PodIndex::default();
+        index.apply_pod(Change::Apply(record("a", "web-0", "web")));
+        index.apply_pod(Change::Apply(record("b", "web-1", "web")));
+        let mut host = record("c", "agent", "admin");
+        host.host_network = true;
+        index.apply_pod(Change::Apply(host));
+        let mut known = index.known();
+        known.sort_by(|x, y| x.pod.uid.cmp(&y.pod.uid));
+        let standings: Vec<_> = known.iter().map(|k| k.standing.clone()).collect();
+        assert_eq!(
+            standings,
+            [
+                Standing::Conflict(vec!["shop/web-1".to_owned()]),
+                Standing::Conflict(vec!["shop/web-0".to_owned()]),
+                Standing::HostNetwork,
+            ]
+        );
     }
 
     #[test]

@@ -86,6 +86,42 @@ pub enum Scope {
     Cluster,
 }
 
+/// A pod the source knows, and whether it may be served by its IP (for `iamlet status`).
+#[derive(Debug, Clone)]
+pub struct Known {
+    pub pod: Arc<Pod>,
+    pub ip: Option<IpAddr>,
+    pub standing: Standing,
+}
+
+/// Whether a known pod may be served by its IP, and if not, why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Standing {
+    Servable,
+    /// On the host network: its IP is the node's, and never identifies it.
+    HostNetwork,
+    /// Succeeded or Failed: its IP may already be another pod's.
+    Finished,
+    /// No IP yet.
+    NoIp,
+    /// Its IP is also claimed by these live pods: none of them is served until it clears.
+    Conflict(Vec<String>),
+}
+
+impl std::fmt::Display for Standing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Standing::Servable => f.write_str("servable"),
+            Standing::HostNetwork => f.write_str("host network"),
+            Standing::Finished => f.write_str("finished"),
+            Standing::NoIp => f.write_str("no IP yet"),
+            Standing::Conflict(others) => {
+                write!(f, "IP conflict with {}", others.join(", "))
+            }
+        }
+    }
+}
+
 /// Finds the pod behind a source IP.
 pub trait PodLookup: Send + Sync + 'static {
     /// The pod that owns `ip` now, if one does and may be served.
@@ -96,6 +132,8 @@ pub trait PodLookup: Send + Sync + 'static {
     fn ready(&self) -> bool;
     /// Every pod that could be served now (for prefetching).
     fn snapshot(&self) -> Vec<Arc<Pod>>;
+    /// Every pod the source knows, servable or not (for `iamlet status`).
+    fn known(&self) -> Vec<Known>;
     /// Changes whenever pods or namespaces change.
     fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
 }
@@ -121,6 +159,10 @@ impl PodLookup for KubernetesPods {
 
     fn snapshot(&self) -> Vec<Arc<Pod>> {
         self.index.servable()
+    }
+
+    fn known(&self) -> Vec<Known> {
+        self.index.known()
     }
 
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -160,6 +202,13 @@ impl PodLookup for PodSource {
         match self {
             PodSource::Kubernetes(pods) => pods.snapshot(),
             PodSource::Static(pods) => pods.snapshot(),
+        }
+    }
+
+    fn known(&self) -> Vec<Known> {
+        match self {
+            PodSource::Kubernetes(pods) => pods.known(),
+            PodSource::Static(pods) => pods.known(),
         }
     }
 

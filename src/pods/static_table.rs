@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::{PodLookup, StaticPod};
+use super::{Known, PodLookup, Standing, StaticPod};
 use crate::pod::{Annotations, Pod};
 use crate::policy::NamespacePolicy;
 
@@ -60,6 +60,17 @@ impl PodLookup for StaticPods {
 
     fn snapshot(&self) -> Vec<Arc<Pod>> {
         self.by_ip.values().cloned().collect()
+    }
+
+    fn known(&self) -> Vec<Known> {
+        self.by_ip
+            .iter()
+            .map(|(ip, pod)| Known {
+                pod: pod.clone(),
+                ip: Some(*ip),
+                standing: Standing::Servable,
+            })
+            .collect()
     }
 
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {

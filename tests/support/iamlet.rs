@@ -74,7 +74,7 @@ impl Setup {
     pub fn toml(&self, key_file: &Path) -> String {
         let mut toml = format!(
             "[imds]\nlisten = \"{}\"\ntokens = \"{}\"\ntoken_key_file = \"{}\"\nupstream = \"{}\"\n{}\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\nstatus_socket = \"{}\"\n\n\
              [aws]\nregion = \"us-east-1\"\nsts_endpoint = \"{}\"\nbase_role_arn = \"{}\"\n\n\
              [pods]\nsource = \"{}\"\n\n{}\n",
             self.imds_listen,
@@ -82,6 +82,7 @@ impl Setup {
             key_file.display(),
             self.upstream,
             self.imds_extra,
+            key_file.with_file_name("status.sock").display(),
             self.sts,
             self.base_role_arn,
             self.pods_source,

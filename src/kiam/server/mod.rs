@@ -104,6 +104,7 @@ pub enum ServerError {
 pub struct Server {
     grpc_listener: TcpListener,
     admin_listener: TcpListener,
+    status_listener: Option<tokio::net::UnixListener>,
     acceptor: Arc<Acceptor>,
     broker: Arc<LocalBroker>,
     background: Background,
@@ -119,6 +120,7 @@ impl Server {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let grpc_listener = app::bind("server.listen", config.server.listen).await?;
         let admin_listener = app::bind("admin.listen", config.admin.listen).await?;
+        let status_listener = app::bind_status(&config.admin).await?;
         let acceptor = Arc::new(Acceptor::load(&config.server)?);
         let metrics = Metrics::default();
         let upstream = Upstream::new(&config.imds.upstream, &[], UPSTREAM_TIMEOUT)
@@ -144,6 +146,7 @@ impl Server {
         Ok(Server {
             grpc_listener,
             admin_listener,
+            status_listener,
             acceptor,
             background: Background::Standalone(broker.clone(), kubernetes),
             broker,
@@ -180,6 +183,17 @@ impl Server {
                 supervisor.cancel(),
             ),
         );
+        if let Some(listener) = self.status_listener {
+            let broker = self.broker.clone();
+            supervisor.spawn(
+                "status socket",
+                crate::status::serve(
+                    listener,
+                    Arc::new(move || broker.status()),
+                    supervisor.cancel(),
+                ),
+            );
+        }
         let (connections, accepted) = mpsc::channel(64);
         supervisor.spawn_infallible(
             "tls acceptor",
