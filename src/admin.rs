@@ -33,8 +33,9 @@ impl Default for Config {
     }
 }
 
-/// Whether iamlet can answer pods now; `None` when ready, else the reason it is not.
-pub type Readiness = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+/// Whether iamlet can answer pods now: `Ok` with a word on how current it is, or `Err` with
+/// the reason it cannot.
+pub type Readiness = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
 
 /// Serves the admin endpoints on `listener` until `cancel` fires.
 pub async fn serve(
@@ -66,8 +67,8 @@ fn answer(
     match path {
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => match readiness() {
-            None => text(StatusCode::OK, "ready\n".into()),
-            Some(reason) => text(
+            Ok(detail) => text(StatusCode::OK, format!("ready: {detail}\n")),
+            Err(reason) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("not ready: {reason}\n"),
             ),

@@ -131,9 +131,7 @@ impl App {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), TaskExited> {
         let supervisor = Supervisor::default();
         let state = self.state.clone();
-        let readiness: admin::Readiness = Arc::new(move || {
-            (!state.broker.ready()).then(|| state.broker.not_ready_reason().to_owned())
-        });
+        let readiness: admin::Readiness = Arc::new(move || state.broker.readiness());
         supervisor.spawn(
             "imds server",
             imds::serve(

@@ -91,6 +91,9 @@ pub enum Error {
     /// What answers for pods (the kiam server) could not be asked.
     #[error("{0}")]
     Unavailable(String),
+    /// The view of pods is too old to answer from (`pods.when_stale = "refuse"`).
+    #[error("no contact with the Kubernetes API for {}s; no pod is served until it is back", .age.as_secs())]
+    Stale { age: Duration },
 }
 
 /// One pod as `iamlet status` shows it.
@@ -116,8 +119,14 @@ pub trait Broker: Send + Sync + 'static {
         name: &str,
     ) -> impl Future<Output = Result<(PodRole, Arc<Credentials>), Error>> + Send;
 
-    /// Whether everything behind the broker is ready to answer (`/readyz`).
-    fn ready(&self) -> bool;
+    /// `Ok` with a word on how current the broker's view is, or `Err` saying why it cannot
+    /// answer yet (`/readyz`, `GetHealth`).
+    fn readiness(&self) -> Result<String, String>;
+
+    /// Whether everything behind the broker is ready to answer.
+    fn ready(&self) -> bool {
+        self.readiness().is_ok()
+    }
 
     /// Every pod known here, its role or why it has none, and its cached credentials'
     /// expiry (`iamlet status`), ordered by IP.
@@ -170,6 +179,9 @@ pub struct Local<P, S, C> {
     metrics: Metrics,
     denials: Option<DenialSender>,
     served: FirstServed,
+    /// Denials logged lately, by (pod uid, role): an SDK retrying a denied role is logged once
+    /// per `events::INTERVAL`, and counted every time.
+    denials_logged: moka::sync::Cache<(String, String), ()>,
 }
 
 impl<P: PodLookup, S: CredentialSource, C: Clock> Local<P, S, C> {
@@ -188,11 +200,19 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Local<P, S, C> {
             metrics,
             denials,
             served: FirstServed::default(),
+            denials_logged: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(crate::pods::events::INTERVAL)
+                .build(),
         }
     }
 
-    /// The pod that owns `ip`, waiting briefly for the watch to bring a new one.
+    /// The pod that owns `ip`, waiting briefly for the watch to bring a new one; none while
+    /// the view of pods is too old to trust.
     pub async fn pod(&self, ip: IpAddr) -> Result<Arc<Pod>, Error> {
+        if let Some(age) = self.pods.too_stale() {
+            return Err(Error::Stale { age });
+        }
         self.pods.lookup(ip).await.ok_or(Error::UnknownPod(ip))
     }
 
@@ -248,7 +268,16 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Local<P, S, C> {
     /// Refuses `pod` the role `role` for `denial`: counted, logged and sent as an Event.
     pub fn deny(&self, pod: &Pod, role: &str, denial: policy::Denial) -> Error {
         self.metrics.observe_denial(denial.reason());
-        tracing::info!(pod = %pod.key(), role, reason = %denial, "role denied by policy");
+        let key = (pod.uid.clone(), role.to_owned());
+        if !self.denials_logged.contains_key(&key) {
+            self.denials_logged.insert(key, ());
+            tracing::info!(
+                pod = %pod.key(),
+                role,
+                reason = %denial,
+                "role denied by policy (repeats are counted in iamlet_policy_denials_total, logged again after 5m)"
+            );
+        }
         if let Some(denials) = &self.denials {
             // A full queue drops the Event: the log line and metric above already tell.
             let _ = denials.try_send(Denied {
@@ -386,8 +415,8 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Broker for Local<P, S, C> {
         Ok((role, credentials))
     }
 
-    fn ready(&self) -> bool {
-        self.pods.ready()
+    fn readiness(&self) -> Result<String, String> {
+        self.pods.readiness()
     }
 
     fn status(&self) -> Vec<PodStatus> {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -47,6 +48,12 @@ struct Inner {
     kiam_duration: HistogramFamily<MethodLabels>,
     server_calls: Family<CallLabels, Counter>,
     server_duration: HistogramFamily<MethodLabels>,
+    api_contact: Family<ResourceLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResourceLabels {
+    resource: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -185,7 +192,15 @@ impl Default for Metrics {
             "Time iamlet server took to answer a call, by method",
             server_duration.clone(),
         );
+        let api_contact =
+            Family::<ResourceLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "kubernetes_last_contact_timestamp_seconds",
+            "When the API server last answered about pods or namespaces (a watch event, a list, a renewed watch), by resource; time() minus it is the age of iamlet's view of pods",
+            api_contact.clone(),
+        );
         Metrics(Arc::new(Inner {
+            api_contact,
             server_calls,
             server_duration,
             kiam_calls,
@@ -285,6 +300,13 @@ impl Metrics {
             .server_duration
             .get_or_create(&MethodLabels { method })
             .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn set_api_contact(&self, resource: &'static str, unix_seconds: f64) {
+        self.0
+            .api_contact
+            .get_or_create(&ResourceLabels { resource })
+            .set(unix_seconds);
     }
 
     pub fn observe_denial(&self, reason: &'static str) {

@@ -24,6 +24,7 @@ use crate::imds::{self, Upstream};
 use crate::kiam::{self, KiamBroker, KiamClient, client::Discovery};
 use crate::metrics::Metrics;
 use crate::pods::events::{DenialSender, Denied};
+use crate::pods::freshness::{ContactLayer, Freshness, Staleness};
 use crate::pods::{self, KubernetesPods, PodIndex, PodSource, Scope, StaticPods};
 use crate::policy::{self, BaseRoleArn, Policy};
 use crate::supervisor::Supervisor;
@@ -33,7 +34,9 @@ use crate::supervisor::Supervisor;
 pub enum Error {
     #[error("kiam: cannot set up the client for kiam.server")]
     Kiam(#[source] kiam::client::SetupError),
-    #[error("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG)")]
+    #[error("no Kubernetes client configuration (in-cluster or KUBECONFIG)")]
+    KubernetesConfig(#[source] kube::config::InferConfigError),
+    #[error("cannot set up the Kubernetes client")]
     Kubernetes(#[source] kube::Error),
     #[error(
         "pods.node_name is empty and NODE_NAME is not set: iamlet must know which node's pods to serve"
@@ -69,6 +72,7 @@ pub struct KubernetesTasks {
     client: kube::Client,
     scope: Scope,
     index: Arc<PodIndex>,
+    staleness: Arc<Staleness>,
     denials: mpsc::Receiver<Denied>,
 }
 
@@ -124,14 +128,6 @@ impl Mode {
             Background::Standalone(broker, kubernetes),
         ))
     }
-
-    /// Why `/readyz` says not ready, when it does.
-    pub fn not_ready_reason(&self) -> &'static str {
-        match self {
-            Mode::Standalone(_) => "the lists of pods and namespaces have not been received yet",
-            Mode::ServerBacked(_) => "the kiam server has not answered GetHealth",
-        }
-    }
 }
 
 impl Broker for Mode {
@@ -153,10 +149,10 @@ impl Broker for Mode {
         }
     }
 
-    fn ready(&self) -> bool {
+    fn readiness(&self) -> Result<String, String> {
         match self {
-            Mode::Standalone(broker) => broker.ready(),
-            Mode::ServerBacked(broker) => broker.ready(),
+            Mode::Standalone(broker) => broker.readiness(),
+            Mode::ServerBacked(broker) => broker.readiness(),
         }
     }
 
@@ -194,15 +190,21 @@ impl Background {
 
 impl KubernetesTasks {
     fn spawn(self, supervisor: &Supervisor, events_instance: String) {
+        let staleness = self.staleness.clone();
         supervisor.spawn_infallible(
             "pod watch",
             pods::watch::run(
                 self.client.clone(),
                 self.scope,
                 self.index,
+                self.staleness.watch_timeout_secs(),
                 supervisor.cancel(),
             ),
         );
+        let cancel = supervisor.cancel();
+        supervisor.spawn_infallible("staleness report", async move {
+            staleness.report(cancel).await;
+        });
         supervisor.spawn_infallible(
             "event sender",
             pods::events::run(
@@ -235,7 +237,7 @@ pub async fn local_stack(
         RateLimiter::new(config.credentials.sts_qps, config.credentials.sts_burst),
         metrics.clone(),
     );
-    let (pods, kubernetes, denials) = pod_source(config, scope).await?;
+    let (pods, kubernetes, denials) = pod_source(config, scope, metrics).await?;
     tracing::info!(
         base_role_arn = base_role_arn.as_str(),
         "role names resolve under this base"
@@ -270,6 +272,7 @@ pub async fn base_role_arn(config: &Config, upstream: &Upstream) -> Result<BaseR
 async fn pod_source(
     config: &Config,
     scope: Scope,
+    metrics: &Metrics,
 ) -> Result<(PodSource, Option<KubernetesTasks>, Option<DenialSender>), Error> {
     match config.pods.source {
         pods::Source::Static => {
@@ -281,30 +284,49 @@ async fn pod_source(
             Ok((pods, None, None))
         }
         pods::Source::Kubernetes => {
-            let client = kube::Client::try_default()
-                .await
-                .map_err(Error::Kubernetes)?;
+            let freshness = Arc::new(Freshness::new(Arc::new(SystemClock), metrics.clone()));
+            let client = kubernetes_client(&freshness).await?;
             match &scope {
                 Scope::Node(node) => {
                     tracing::info!(node = node.as_str(), "watching this node's pods")
                 }
                 Scope::Cluster => tracing::info!("watching every pod in the cluster"),
             }
+            let staleness = Arc::new(Staleness {
+                freshness,
+                max: config.pods.max_staleness,
+                when: config.pods.when_stale,
+            });
             let index = Arc::new(PodIndex::default());
             let pods = PodSource::Kubernetes(KubernetesPods {
                 index: index.clone(),
                 wait_for_pod: config.pods.wait_for_pod,
+                staleness: staleness.clone(),
             });
             let (sender, denials) = mpsc::channel(256);
             let tasks = KubernetesTasks {
                 client,
                 scope,
                 index,
+                staleness,
                 denials,
             };
             Ok((pods, Some(tasks), Some(sender)))
         }
     }
+}
+
+/// The Kubernetes client (in-cluster configuration or KUBECONFIG), noting every good contact
+/// about pods and namespaces in `freshness`.
+async fn kubernetes_client(freshness: &Arc<Freshness>) -> Result<kube::Client, Error> {
+    let config = kube::Config::infer()
+        .await
+        .map_err(Error::KubernetesConfig)?;
+    let client = kube::client::ClientBuilder::try_from(config)
+        .map_err(Error::Kubernetes)?
+        .with_layer(&ContactLayer(freshness.clone()))
+        .build();
+    Ok(client)
 }
 
 /// An STS client: iamlet's own credentials from the default chain unless `credentials` are

@@ -136,3 +136,31 @@ fn status_without_a_running_iamlet_says_what_it_tried() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains(&socket.display().to_string()), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_denied_pod_retrying_is_logged_once_and_counted_every_time() {
+    let fake = FakeKube::start();
+    fake.apply_namespace(namespace("locked", None));
+    fake.apply_pod(pod(
+        "locked",
+        "app",
+        "u1",
+        "node-1",
+        "127.0.0.2",
+        Some("web"),
+    ));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let iamlet = Iamlet::start(dir.path(), &fake.setup(dir.path(), moto::shared().url()));
+    eventually("ready", WITHIN, || iamlet.ready()).await;
+    // An SDK's retry loop on a denied role.
+    for _ in 0..5 {
+        let reply = get(ip("127.0.0.2"), iamlet.imds, CREDS, None).await;
+        assert_eq!(reply.status, 404, "{}", reply.body);
+    }
+    let denied = iamlet
+        .metric("iamlet_policy_denials_total{reason=\"namespace_unannotated\"}")
+        .await;
+    assert_eq!(denied, 5.0);
+    let logged = iamlet.log().matches("role denied by policy").count();
+    assert_eq!(logged, 1, "{}", iamlet.log());
+}

@@ -311,6 +311,13 @@ fn broker_error(err: broker::Error) -> Outcome {
                 document::unauthorized(message, SystemTime::now()),
             )
         }
+        Error::Stale { .. } => {
+            tracing::debug!(error = %err, "refused: the view of pods is stale");
+            Outcome::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "iamlet: its view of pods is stale (no contact with the Kubernetes API); try again\n",
+            )
+        }
         Error::Unavailable(ref message) => {
             tracing::warn!(error = %message, "no answer for a pod");
             Outcome::text(

@@ -142,8 +142,12 @@ impl Broker for KiamBroker {
         Ok((role, credentials))
     }
 
-    fn ready(&self) -> bool {
-        self.client.healthy()
+    fn readiness(&self) -> Result<String, String> {
+        if self.client.healthy() {
+            Ok("the kiam server answers GetHealth".to_owned())
+        } else {
+            Err("the kiam server has not answered GetHealth".to_owned())
+        }
     }
 
     /// Only what this node has cached: in this mode the server knows the pods.

@@ -3,6 +3,7 @@
 //! the static table from the configuration (`[[pods.static]]`).
 
 pub mod events;
+pub mod freshness;
 pub mod index;
 mod static_table;
 pub mod watch;
@@ -32,6 +33,13 @@ pub struct Config {
     /// under the SDKs' 1 s IMDS timeout.
     #[serde(with = "humantime_serde")]
     pub wait_for_pod: Duration,
+    /// How old the view of pods may get (no contact with the API server) before
+    /// `when_stale` applies.
+    #[serde(with = "humantime_serde")]
+    pub max_staleness: Duration,
+    /// What happens past `max_staleness`: "refuse" (no pod is served) or "serve" (the pods
+    /// known before still are).
+    pub when_stale: freshness::WhenStale,
     /// The pod table used when `source = "static"`.
     #[serde(rename = "static")]
     pub static_pods: Vec<StaticPod>,
@@ -43,6 +51,8 @@ impl Default for Config {
             source: Source::default(),
             node_name: String::new(),
             wait_for_pod: Duration::from_millis(900),
+            max_staleness: Duration::from_secs(300),
+            when_stale: freshness::WhenStale::Refuse,
             static_pods: Vec::new(),
         }
     }
@@ -134,6 +144,13 @@ pub trait PodLookup: Send + Sync + 'static {
     fn snapshot(&self) -> Vec<Arc<Pod>>;
     /// Every pod the source knows, servable or not (for `iamlet status`).
     fn known(&self) -> Vec<Known>;
+    /// The view's age, when it is too old to answer from (`pods.when_stale = "refuse"`).
+    fn too_stale(&self) -> Option<Duration> {
+        None
+    }
+    /// `Ok` with a word on how current the view is, or `Err` saying why it cannot be used:
+    /// not listed yet, or too stale (`/readyz`, `GetHealth`).
+    fn readiness(&self) -> Result<String, String>;
     /// Changes whenever pods or namespaces change.
     fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
 }
@@ -142,6 +159,7 @@ pub trait PodLookup: Send + Sync + 'static {
 pub struct KubernetesPods {
     pub index: Arc<PodIndex>,
     pub wait_for_pod: Duration,
+    pub staleness: Arc<freshness::Staleness>,
 }
 
 impl PodLookup for KubernetesPods {
@@ -163,6 +181,17 @@ impl PodLookup for KubernetesPods {
 
     fn known(&self) -> Vec<Known> {
         self.index.known()
+    }
+
+    fn too_stale(&self) -> Option<Duration> {
+        self.staleness.too_stale()
+    }
+
+    fn readiness(&self) -> Result<String, String> {
+        if !self.index.synced() {
+            return Err("the lists of pods and namespaces have not been received yet".to_owned());
+        }
+        self.staleness.describe()
     }
 
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -209,6 +238,20 @@ impl PodLookup for PodSource {
         match self {
             PodSource::Kubernetes(pods) => pods.known(),
             PodSource::Static(pods) => pods.known(),
+        }
+    }
+
+    fn too_stale(&self) -> Option<Duration> {
+        match self {
+            PodSource::Kubernetes(pods) => pods.too_stale(),
+            PodSource::Static(pods) => pods.too_stale(),
+        }
+    }
+
+    fn readiness(&self) -> Result<String, String> {
+        match self {
+            PodSource::Kubernetes(pods) => pods.readiness(),
+            PodSource::Static(pods) => pods.readiness(),
         }
     }
 

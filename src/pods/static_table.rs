@@ -62,6 +62,10 @@ impl PodLookup for StaticPods {
         self.by_ip.values().cloned().collect()
     }
 
+    fn readiness(&self) -> Result<String, String> {
+        Ok(format!("static pod table of {} pods", self.by_ip.len()))
+    }
+
     fn known(&self) -> Vec<Known> {
         self.by_ip
             .iter()

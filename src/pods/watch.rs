@@ -21,24 +21,24 @@ use crate::pod::{
 };
 use crate::policy::NamespacePolicy;
 
-/// Keeps `index` current with the pods in `scope` and all namespaces until `cancel`.
+/// Keeps `index` current with the pods in `scope` and all namespaces until `cancel`. Quiet
+/// watches are renewed every `timeout_secs`, which shows the API server is still there.
 pub async fn run(
     client: kube::Client,
     scope: Scope,
     index: Arc<PodIndex>,
+    timeout_secs: u32,
     cancel: CancellationToken,
 ) {
+    let config = watcher::Config::default().timeout(timeout_secs);
     let pods_config = match &scope {
-        Scope::Node(node) => watcher::Config::default().fields(&format!("spec.nodeName={node}")),
-        Scope::Cluster => watcher::Config::default(),
+        Scope::Node(node) => config.clone().fields(&format!("spec.nodeName={node}")),
+        Scope::Cluster => config.clone(),
     };
     let pods = watcher(Api::<KubePod>::all(client.clone()), pods_config).default_backoff();
     // Metadata only: iamlet needs nothing of a namespace but its name and annotations.
-    let namespaces = watcher(
-        Api::<PartialObjectMeta<Namespace>>::all(client),
-        watcher::Config::default(),
-    )
-    .default_backoff();
+    let namespaces =
+        watcher(Api::<PartialObjectMeta<Namespace>>::all(client), config).default_backoff();
     let pod_index = index.clone();
     let pods = drive(pods, "pods", move |event| {
         pod_index.apply_pod(event.map(pod_record))

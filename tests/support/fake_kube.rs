@@ -24,6 +24,7 @@ enum Kind {
 }
 
 struct Watch {
+    id: u64,
     kind: Kind,
     node: Option<String>,
     sender: mpsc::UnboundedSender<Result<Frame<Bytes>, std::io::Error>>,
@@ -39,6 +40,10 @@ struct State {
     watches: Vec<Watch>,
     requests: Vec<String>,
     hold_namespace_list: bool,
+    /// While set, every request is answered 503, as an API server that is down behind its
+    /// load balancer.
+    unreachable: bool,
+    next_watch: u64,
 }
 
 #[derive(Clone)]
@@ -206,6 +211,15 @@ impl FakeKube {
         })
     }
 
+    /// While unreachable, every request fails (503) and open watches are cut; after, requests
+    /// are served again, from where history left off.
+    pub fn set_unreachable(&self, unreachable: bool) {
+        self.with(|s| s.unreachable = unreachable);
+        if unreachable {
+            self.cut_watches();
+        }
+    }
+
     /// While held, namespace lists are answered only once released.
     pub fn hold_namespace_list(&self, hold: bool) {
         self.with(|s| s.hold_namespace_list = hold);
@@ -271,6 +285,13 @@ async fn handle(
     request: Request<hyper::body::Incoming>,
 ) -> Response<Body> {
     let path = request.uri().path().to_owned();
+    if state.lock().expect("state").unreachable {
+        return full(
+            503,
+            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503,
+                "reason": "ServiceUnavailable", "message": "the server is currently unable to handle the request"}),
+        );
+    }
     if request.method() == hyper::Method::POST
         && path.starts_with("/apis/events.k8s.io/v1/namespaces/")
     {
@@ -333,7 +354,26 @@ async fn handle(
                         let _ = sender.send(Ok(Frame::data(event_line(event, object))));
                     }
                 }
-                s.watches.push(Watch { kind, node, sender });
+                s.next_watch += 1;
+                let id = s.next_watch;
+                s.watches.push(Watch {
+                    id,
+                    kind,
+                    node,
+                    sender,
+                });
+                // As the API server does, end the watch cleanly after timeoutSeconds.
+                if let Some(timeout) = query.get("timeoutSeconds").and_then(|t| t.parse().ok()) {
+                    let state = state.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(std::time::Duration::from_secs(timeout)).await;
+                        state
+                            .lock()
+                            .expect("state")
+                            .watches
+                            .retain(|watch| watch.id != id);
+                    });
+                }
             }
         }
         let stream = futures::stream::unfold(receiver, |mut receiver| async move {

@@ -169,10 +169,7 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), TaskExited> {
         let supervisor = Supervisor::default();
         let broker = self.broker.clone();
-        let readiness: admin::Readiness = Arc::new(move || {
-            (!broker.ready())
-                .then(|| "the lists of pods and namespaces have not been received yet".to_owned())
-        });
+        let readiness: admin::Readiness = Arc::new(move || broker.readiness());
         supervisor.spawn(
             "admin server",
             admin::serve(

@@ -106,6 +106,10 @@ fn status(err: Error) -> Status {
             tracing::warn!(error = %err, "STS refused AssumeRole");
             Status::permission_denied(err.to_string())
         }
+        Error::Stale { .. } => {
+            tracing::warn!(error = %err, "refused: the view of pods is stale");
+            Status::unavailable(err.to_string())
+        }
         Error::Credentials(credentials::Error::Unavailable { .. }) | Error::Unavailable(_) => {
             tracing::warn!(error = %err, "no credentials: STS unavailable");
             Status::unavailable(err.to_string())
@@ -143,14 +147,11 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> KiamService for Service<P, S, 
         _request: Request<GetHealthRequest>,
     ) -> Result<Response<HealthStatus>, Status> {
         let started = Instant::now();
-        let result = if self.broker.ready() {
-            Ok(HealthStatus {
+        let result = match self.broker.readiness() {
+            Ok(_) => Ok(HealthStatus {
                 message: "ok".to_owned(),
-            })
-        } else {
-            Err(Status::unavailable(
-                "the lists of pods and namespaces have not been received yet",
-            ))
+            }),
+            Err(reason) => Err(Status::unavailable(reason)),
         };
         self.observe("GetHealth", started, &result);
         result.map(Response::new)
