@@ -304,69 +304,103 @@ async fn a_client_without_a_certificate_is_refused_by_the_server() {
     assert!(script.calls().is_empty());
 }
 
+/// `kiam.test:port` naming two addresses of this host, seen from a network namespace of its
+/// own (its /etc/hosts): `near`, the namespace's gateway, and `far`, another address on the
+/// same link. iamlet runs in the namespace.
+struct TwoAddresses {
+    net: support::netns::PodNet,
+    near: SocketAddr,
+    far: SocketAddr,
+}
+
+impl TwoAddresses {
+    fn create() -> TwoAddresses {
+        let net = support::netns::PodNet::create();
+        let [a, b, c, _] = net.host_ip.octets();
+        let far = Ipv4Addr::new(a, b, c, 200);
+        net.add_host_address(far);
+        net.ns
+            .hosts(&format!("{} kiam.test\n{far} kiam.test\n", net.host_ip));
+        let port = support::free_port();
+        TwoAddresses {
+            near: (IpAddr::V4(net.host_ip), port).into(),
+            far: (IpAddr::V4(far), port).into(),
+            net,
+        }
+    }
+
+    fn start_iamlet(&self, pki: &Pki, dir: &std::path::Path) -> Iamlet {
+        let server = format!("kiam.test:{}", self.near.port());
+        start_iamlet(
+            dir,
+            pki.kiam_section(&server, "5s"),
+            Some(self.net.ns.name.clone()),
+        )
+    }
+
+    /// Runs `task` inside the namespace, where iamlet's ports are.
+    fn run<F, Fut>(&self, task: F) -> Fut::Output
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future,
+        Fut::Output: Send + 'static,
+    {
+        self.net.enter(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(task())
+        })
+    }
+}
+
+/// Waits (inside the namespace) until iamlet is ready.
+async fn ready_in_netns(admin: SocketAddr) {
+    eventually("ready", WITHIN, || async {
+        get(ip("127.0.0.1"), admin, "/readyz", None).await.status == 200
+    })
+    .await;
+}
+
+/// Asks for the pod's credentials `times` times, one after the other; how often it got them.
+async fn fetch_credentials(imds: SocketAddr, times: usize) -> usize {
+    let mut served = 0;
+    for _ in 0..times {
+        let reply = get(ip("127.0.0.1"), imds, &format!("{CREDS}web"), None).await;
+        if reply.status == 200 && reply.json()["Code"] == "Success" {
+            served += 1;
+        }
+    }
+    served
+}
+
+/// A fake kiam server answering role "web" for the pod at 127.0.0.1.
+fn web_server(bind: SocketAddr, tls: &ServerTls, script: &Script) -> FakeKiam {
+    script.answer("127.0.0.1", Answer::Role("web".into()));
+    FakeKiam::start(bind, tls, script.clone(), &moto::shared().url())
+}
+
 #[test]
 fn every_address_behind_the_server_name_is_used() {
     require_netns!();
     let pki = Pki::new();
-    // iamlet in a namespace of its own, where kiam.test names two addresses of this host.
-    let net = support::netns::PodNet::create();
-    let second = Ipv4Addr::new(
-        net.host_ip.octets()[0],
-        net.host_ip.octets()[1],
-        net.host_ip.octets()[2],
-        200,
-    );
-    net.add_host_address(second);
-    net.ns
-        .hosts(&format!("{} kiam.test\n{second} kiam.test\n", net.host_ip));
-    let port = support::free_port();
+    let names = TwoAddresses::create();
     let tls = pki.server_tls(&pki.ca, &["kiam.test"]);
     let (one, two) = (Script::default(), Script::default());
-    for script in [&one, &two] {
-        script.answer("127.0.0.1", Answer::Role("web".into()));
-    }
-    let _first = FakeKiam::start(
-        (IpAddr::V4(net.host_ip), port).into(),
-        &tls,
-        one.clone(),
-        &moto::shared().url(),
-    );
-    let _second = FakeKiam::start(
-        (IpAddr::V4(second), port).into(),
-        &tls,
-        two.clone(),
-        &moto::shared().url(),
-    );
+    let _first = web_server(names.near, &tls, &one);
+    let _second = web_server(names.far, &tls, &two);
     let dir = tempfile::tempdir().expect("tempdir");
-    let iamlet = start_iamlet(
-        dir.path(),
-        pki.kiam_section(&format!("kiam.test:{port}"), "5s"),
-        Some(net.ns.name.clone()),
-    );
+    let iamlet = names.start_iamlet(&pki, dir.path());
     let (imds, admin) = (iamlet.imds, iamlet.admin);
-    let served = net.enter(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async move {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while get(ip("127.0.0.1"), admin, "/readyz", None).await.status != 200
-                && Instant::now() < deadline
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            let mut served = 0;
-            for _ in 0..40 {
-                if get(ip("127.0.0.1"), imds, CREDS, None).await.body == "web" {
-                    served += 1;
-                }
-            }
-            served
-        })
+    let served = names.run(move || async move {
+        ready_in_netns(admin).await;
+        fetch_credentials(imds, 40).await
     });
     assert_eq!(served, 40);
-    let (a, b) = (one.count("GetPodRole"), two.count("GetPodRole"));
+    // Every call counts, GetHealth too: the balancer tries each new address at once, and
+    // then prefers the faster, which may be either.
+    let (a, b) = (one.calls().len(), two.calls().len());
     assert!(
         a > 0 && b > 0,
         "one address was never used: {a} and {b} calls"

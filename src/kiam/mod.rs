@@ -8,6 +8,7 @@
 //! - `broker`: the [`crate::broker::Broker`] the pod-facing server uses in this mode, with a
 //!   cache by (pod IP, role).
 
+mod balance;
 mod broker;
 pub mod client;
 mod tls;
