@@ -1,7 +1,8 @@
 //! Server-backed mode against a fake kiam server (tonic, mutual TLS, certificates made here):
 //! the happy path with a real SDK, policy refusals, retries within the deadline, a server that
-//! starts late or restarts, certificate rotation, certificates that must be refused, and
-//! balancing over every address behind the server name.
+//! starts late or restarts, certificate rotation, certificates that must be refused,
+//! balancing over every address behind the server name, and by latency: a distant server
+//! (behind a delaying proxy) gets few calls until the near one stops.
 
 mod support;
 
@@ -9,6 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use support::delay_proxy::DelayProxy;
 use support::fake_kiam::{Answer, FakeKiam, Script, ServerTls};
 use support::http::{get, ip};
 use support::iamlet::{Iamlet, Setup};
@@ -375,6 +377,18 @@ async fn fetch_credentials(imds: SocketAddr, times: usize) -> usize {
     served
 }
 
+/// Calls (attempts) to the kiam servers that did not succeed, from iamlet's metrics.
+async fn failed_attempts(admin: SocketAddr) -> f64 {
+    let metrics = get(ip("127.0.0.1"), admin, "/metrics", None).await.body;
+    metrics
+        .lines()
+        .filter(|line| {
+            line.starts_with("iamlet_kiam_calls_total{") && !line.contains("code=\"ok\"")
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// A fake kiam server answering role "web" for the pod at 127.0.0.1.
 fn web_server(bind: SocketAddr, tls: &ServerTls, script: &Script) -> FakeKiam {
     script.answer("127.0.0.1", Answer::Role("web".into()));
@@ -404,5 +418,90 @@ fn every_address_behind_the_server_name_is_used() {
     assert!(
         a > 0 && b > 0,
         "one address was never used: {a} and {b} calls"
+    );
+}
+
+/// The share of calls a server got: `(its calls, all calls)` between two counts.
+fn share(server: (usize, usize), other: (usize, usize)) -> (usize, usize) {
+    let got = server.1 - server.0;
+    (got, got + other.1 - other.0)
+}
+
+#[test]
+fn calls_stay_with_the_near_server_and_move_while_it_is_down() {
+    require_netns!();
+    let pki = Pki::new();
+    let names = TwoAddresses::create();
+    let tls = pki.server_tls(&pki.ca, &["kiam.test"]);
+    let (near, far) = (Script::default(), Script::default());
+    let near_server = web_server(names.near, &tls, &near);
+    // The far server, reached through a proxy that delays every chunk by 40 ms each way, as
+    // a server in another zone (or a slow one) would be.
+    let far_server = web_server(localhost(0), &tls, &far);
+    let _far_proxy = DelayProxy::start(names.far, far_server.addr, Duration::from_millis(40));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let iamlet = names.start_iamlet(&pki, dir.path());
+    let (imds, admin) = (iamlet.imds, iamlet.admin);
+    let counts = || (near.calls().len(), far.calls().len());
+    names.run(move || ready_in_netns(admin));
+
+    // Both healthy: the near one gets (nearly) every call.
+    let before = counts();
+    let served = names.run(move || fetch_credentials(imds, 200));
+    let after = counts();
+    let (near_got, total) = share((before.0, after.0), (before.1, after.1));
+    eprintln!(
+        "both healthy: near {near_got}/{total}, far {}/{total}",
+        total - near_got
+    );
+    assert_eq!(served, 200, "the pod did not always get its credentials");
+    assert!(
+        near_got * 10 >= total * 9,
+        "the near server got {near_got} of {total} calls"
+    );
+
+    // The near one stops: the calls move to the far one at once, and the pod keeps getting
+    // its credentials. (A balancer that found the dead server cheap, because it fails fast,
+    // would try it first on every call.)
+    near_server.stop();
+    let failed_before = names.run(move || failed_attempts(admin));
+    let before = counts();
+    let served = names.run(move || fetch_credentials(imds, 50));
+    let after = counts();
+    let failed = names.run(move || failed_attempts(admin)) - failed_before;
+    eprintln!(
+        "near stopped: far got {} calls for 50 requests; {failed} failed attempts",
+        after.1 - before.1
+    );
+    assert_eq!(served, 50, "the pod lost its credentials");
+    assert!(after.1 - before.1 >= 50, "the far server missed calls");
+    assert!(
+        failed <= 2.0,
+        "calls kept going to the stopped server: {failed} failed attempts"
+    );
+
+    // It comes back, and the calls with it.
+    let _near_server = web_server(names.near, &tls, &near);
+    let near_calls = near.clone();
+    let returned = near.calls().len();
+    names.run(move || async move {
+        eventually("a call to the near server again", WITHIN, || async {
+            fetch_credentials(imds, 1).await;
+            near_calls.calls().len() > returned
+        })
+        .await;
+    });
+    let before = counts();
+    let served = names.run(move || fetch_credentials(imds, 100));
+    let after = counts();
+    let (near_got, total) = share((before.0, after.0), (before.1, after.1));
+    eprintln!(
+        "near back: near {near_got}/{total}, far {}/{total}",
+        total - near_got
+    );
+    assert_eq!(served, 100);
+    assert!(
+        near_got * 10 >= total * 9,
+        "the near server got {near_got} of {total} calls after it came back"
     );
 }
