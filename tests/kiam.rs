@@ -1,8 +1,9 @@
 //! Server-backed mode against a fake kiam server (tonic, mutual TLS, certificates made here):
-//! the happy path with a real SDK, policy refusals, retries within the deadline, a server that
-//! starts late or restarts, certificate rotation, certificates that must be refused,
-//! balancing over every address behind the server name, and by latency: a distant server
-//! (behind a delaying proxy) gets few calls until the near one stops.
+//! the happy path with a real SDK, policy refusals, retries within the deadline (with both of
+//! kiam's wordings of an unknown pod), a server that starts late or restarts, certificate
+//! rotation, certificates that must be refused, balancing over every address behind the
+//! server name, and by latency: a distant server (behind a delaying proxy) gets few calls
+//! until the near one stops.
 
 mod support;
 
@@ -154,31 +155,60 @@ async fn a_real_sdk_gets_its_role_through_the_kiam_server() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn forbidden_is_final_and_no_pod_is_retried_within_the_deadline() {
+async fn forbidden_is_final_and_an_unknown_pod_is_retried_within_the_deadline() {
     let pki = Pki::new();
     let World { script, iamlet, .. } =
         &World::start(&pki, &pki.server_tls(&pki.ca, &["localhost"]), "1s");
-    script.answer("127.0.0.5", Answer::Forbidden);
-    let later = Instant::now() + Duration::from_secs(3);
-    script.answer("127.0.0.6", Answer::NoPodUntil(later, "web".into()));
     eventually("ready", WITHIN, || iamlet.ready()).await;
-    let calls_for = |ip: &str| script.calls().iter().filter(|c| c.ip == ip).count();
+    script.answer("127.0.0.5", Answer::Forbidden);
+    // Two requests of a 1 s deadline each fit before `later`.
+    let later = Instant::now() + Duration::from_secs(4);
+    // GetPodRole says "pod not found", as real kiam servers do.
+    script.answer("127.0.0.6", Answer::NoPodUntil(later, "web".into()));
+    // GetPodCredentials says "no pod found".
+    script.answer("127.0.0.7", Answer::NoCredentialsUntil(later, "web".into()));
+    let calls_for = |ip: &str, method: &str| {
+        script
+            .calls()
+            .iter()
+            .filter(|c| c.ip == ip && c.method == method)
+            .count()
+    };
+    let unknown = "iamlet: no pod is known at this address";
 
     let denied = get(ip("127.0.0.5"), iamlet.imds, CREDS, None).await;
     assert_eq!(
         (denied.status, denied.body.trim()),
         (404, "iamlet: forbidden by policy")
     );
-    assert_eq!(calls_for("127.0.0.5"), 1, "forbidden was retried");
+    assert_eq!(
+        calls_for("127.0.0.5", "GetPodRole"),
+        1,
+        "forbidden was retried"
+    );
 
     // Unknown for longer than the deadline: retried, then 404.
-    let unknown = get(ip("127.0.0.6"), iamlet.imds, CREDS, None).await;
-    assert_eq!(unknown.status, 404);
-    assert!(calls_for("127.0.0.6") > 2, "no pod found was not retried");
+    let role = get(ip("127.0.0.6"), iamlet.imds, CREDS, None).await;
+    assert_eq!((role.status, role.body.trim()), (404, unknown));
+    assert!(
+        calls_for("127.0.0.6", "GetPodRole") > 2,
+        "pod not found was not retried"
+    );
+    let credentials = get(ip("127.0.0.7"), iamlet.imds, &format!("{CREDS}web"), None).await;
+    assert_eq!(
+        (credentials.status, credentials.body.trim()),
+        (404, unknown)
+    );
+    assert!(
+        calls_for("127.0.0.7", "GetPodCredentials") > 2,
+        "no pod found was not retried"
+    );
     // Known within the deadline: found.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep_until(tokio::time::Instant::from_std(later)).await;
     let found = get(ip("127.0.0.6"), iamlet.imds, CREDS, None).await;
     assert_eq!((found.status, found.body.as_str()), (200, "web"));
+    let found = get(ip("127.0.0.7"), iamlet.imds, &format!("{CREDS}web"), None).await;
+    assert_eq!(found.json()["Code"], "Success", "{found:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

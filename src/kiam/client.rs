@@ -33,6 +33,9 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(5);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// What real kiam servers answer `GetPodRole` for an unknown IP (`GetPodCredentials` says
+/// [`NO_POD_FOUND`]); both mean the same to the agent.
+const POD_NOT_FOUND: &str = "pod not found";
 
 /// The balancer over the server's addresses, which the generated client calls through.
 type Balancer = Balanced<http::Request<Body>, http::Response<Body>>;
@@ -229,7 +232,7 @@ impl KiamClient {
                     let code = code_label(status.code());
                     let error = if status.message() == FORBIDDEN {
                         CallError::Forbidden
-                    } else if status.message() == NO_POD_FOUND {
+                    } else if [NO_POD_FOUND, POD_NOT_FOUND].contains(&status.message()) {
                         CallError::NoPod
                     } else {
                         CallError::Failed(format!("{}: {}", status.code(), status.message()))
