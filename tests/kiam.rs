@@ -1,7 +1,9 @@
 //! Server-backed mode against a fake kiam server (tonic, mutual TLS, certificates made here):
-//! the happy path with a real SDK, policy refusals, retries within the deadline, a server that
-//! starts late or restarts, certificate rotation, certificates that must be refused, and
-//! balancing over every address behind the server name.
+//! the happy path with a real SDK, policy refusals, retries within the deadline (with both of
+//! kiam's wordings of an unknown pod), a server that starts late or restarts, certificate
+//! rotation, certificates that must be refused, balancing over every address behind the
+//! server name, and by latency: a distant server (behind a delaying proxy) gets few calls
+//! until the near one stops.
 
 mod support;
 
@@ -9,6 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use support::delay_proxy::DelayProxy;
 use support::fake_kiam::{Answer, FakeKiam, Script, ServerTls};
 use support::http::{get, ip};
 use support::iamlet::{Iamlet, Setup};
@@ -152,31 +155,60 @@ async fn a_real_sdk_gets_its_role_through_the_kiam_server() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn forbidden_is_final_and_no_pod_is_retried_within_the_deadline() {
+async fn forbidden_is_final_and_an_unknown_pod_is_retried_within_the_deadline() {
     let pki = Pki::new();
     let World { script, iamlet, .. } =
         &World::start(&pki, &pki.server_tls(&pki.ca, &["localhost"]), "1s");
-    script.answer("127.0.0.5", Answer::Forbidden);
-    let later = Instant::now() + Duration::from_secs(3);
-    script.answer("127.0.0.6", Answer::NoPodUntil(later, "web".into()));
     eventually("ready", WITHIN, || iamlet.ready()).await;
-    let calls_for = |ip: &str| script.calls().iter().filter(|c| c.ip == ip).count();
+    script.answer("127.0.0.5", Answer::Forbidden);
+    // Two requests of a 1 s deadline each fit before `later`.
+    let later = Instant::now() + Duration::from_secs(4);
+    // GetPodRole says "pod not found", as real kiam servers do.
+    script.answer("127.0.0.6", Answer::NoPodUntil(later, "web".into()));
+    // GetPodCredentials says "no pod found".
+    script.answer("127.0.0.7", Answer::NoCredentialsUntil(later, "web".into()));
+    let calls_for = |ip: &str, method: &str| {
+        script
+            .calls()
+            .iter()
+            .filter(|c| c.ip == ip && c.method == method)
+            .count()
+    };
+    let unknown = "iamlet: no pod is known at this address";
 
     let denied = get(ip("127.0.0.5"), iamlet.imds, CREDS, None).await;
     assert_eq!(
         (denied.status, denied.body.trim()),
         (404, "iamlet: forbidden by policy")
     );
-    assert_eq!(calls_for("127.0.0.5"), 1, "forbidden was retried");
+    assert_eq!(
+        calls_for("127.0.0.5", "GetPodRole"),
+        1,
+        "forbidden was retried"
+    );
 
     // Unknown for longer than the deadline: retried, then 404.
-    let unknown = get(ip("127.0.0.6"), iamlet.imds, CREDS, None).await;
-    assert_eq!(unknown.status, 404);
-    assert!(calls_for("127.0.0.6") > 2, "no pod found was not retried");
+    let role = get(ip("127.0.0.6"), iamlet.imds, CREDS, None).await;
+    assert_eq!((role.status, role.body.trim()), (404, unknown));
+    assert!(
+        calls_for("127.0.0.6", "GetPodRole") > 2,
+        "pod not found was not retried"
+    );
+    let credentials = get(ip("127.0.0.7"), iamlet.imds, &format!("{CREDS}web"), None).await;
+    assert_eq!(
+        (credentials.status, credentials.body.trim()),
+        (404, unknown)
+    );
+    assert!(
+        calls_for("127.0.0.7", "GetPodCredentials") > 2,
+        "no pod found was not retried"
+    );
     // Known within the deadline: found.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep_until(tokio::time::Instant::from_std(later)).await;
     let found = get(ip("127.0.0.6"), iamlet.imds, CREDS, None).await;
     assert_eq!((found.status, found.body.as_str()), (200, "web"));
+    let found = get(ip("127.0.0.7"), iamlet.imds, &format!("{CREDS}web"), None).await;
+    assert_eq!(found.json()["Code"], "Success", "{found:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -304,71 +336,202 @@ async fn a_client_without_a_certificate_is_refused_by_the_server() {
     assert!(script.calls().is_empty());
 }
 
+/// `kiam.test:port` naming two addresses of this host, seen from a network namespace of its
+/// own (its /etc/hosts): `near`, the namespace's gateway, and `far`, another address on the
+/// same link. iamlet runs in the namespace.
+struct TwoAddresses {
+    net: support::netns::PodNet,
+    near: SocketAddr,
+    far: SocketAddr,
+}
+
+impl TwoAddresses {
+    fn create() -> TwoAddresses {
+        let net = support::netns::PodNet::create();
+        let [a, b, c, _] = net.host_ip.octets();
+        let far = Ipv4Addr::new(a, b, c, 200);
+        net.add_host_address(far);
+        net.ns
+            .hosts(&format!("{} kiam.test\n{far} kiam.test\n", net.host_ip));
+        let port = support::free_port();
+        TwoAddresses {
+            near: (IpAddr::V4(net.host_ip), port).into(),
+            far: (IpAddr::V4(far), port).into(),
+            net,
+        }
+    }
+
+    fn start_iamlet(&self, pki: &Pki, dir: &std::path::Path) -> Iamlet {
+        let server = format!("kiam.test:{}", self.near.port());
+        start_iamlet(
+            dir,
+            pki.kiam_section(&server, "5s"),
+            Some(self.net.ns.name.clone()),
+        )
+    }
+
+    /// Runs `task` inside the namespace, where iamlet's ports are.
+    fn run<F, Fut>(&self, task: F) -> Fut::Output
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future,
+        Fut::Output: Send + 'static,
+    {
+        self.net.enter(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(task())
+        })
+    }
+}
+
+/// Waits (inside the namespace) until iamlet is ready.
+async fn ready_in_netns(admin: SocketAddr) {
+    eventually("ready", WITHIN, || async {
+        get(ip("127.0.0.1"), admin, "/readyz", None).await.status == 200
+    })
+    .await;
+}
+
+/// Asks for the pod's credentials `times` times, one after the other; how often it got them.
+async fn fetch_credentials(imds: SocketAddr, times: usize) -> usize {
+    let mut served = 0;
+    for _ in 0..times {
+        let reply = get(ip("127.0.0.1"), imds, &format!("{CREDS}web"), None).await;
+        if reply.status == 200 && reply.json()["Code"] == "Success" {
+            served += 1;
+        }
+    }
+    served
+}
+
+/// Calls (attempts) to the kiam servers that did not succeed, from iamlet's metrics.
+async fn failed_attempts(admin: SocketAddr) -> f64 {
+    let metrics = get(ip("127.0.0.1"), admin, "/metrics", None).await.body;
+    metrics
+        .lines()
+        .filter(|line| {
+            line.starts_with("iamlet_kiam_calls_total{") && !line.contains("code=\"ok\"")
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A fake kiam server answering role "web" for the pod at 127.0.0.1.
+fn web_server(bind: SocketAddr, tls: &ServerTls, script: &Script) -> FakeKiam {
+    script.answer("127.0.0.1", Answer::Role("web".into()));
+    FakeKiam::start(bind, tls, script.clone(), &moto::shared().url())
+}
+
 #[test]
 fn every_address_behind_the_server_name_is_used() {
     require_netns!();
     let pki = Pki::new();
-    // iamlet in a namespace of its own, where kiam.test names two addresses of this host.
-    let net = support::netns::PodNet::create();
-    let second = Ipv4Addr::new(
-        net.host_ip.octets()[0],
-        net.host_ip.octets()[1],
-        net.host_ip.octets()[2],
-        200,
-    );
-    net.add_host_address(second);
-    net.ns
-        .hosts(&format!("{} kiam.test\n{second} kiam.test\n", net.host_ip));
-    let port = support::free_port();
+    let names = TwoAddresses::create();
     let tls = pki.server_tls(&pki.ca, &["kiam.test"]);
     let (one, two) = (Script::default(), Script::default());
-    for script in [&one, &two] {
-        script.answer("127.0.0.1", Answer::Role("web".into()));
-    }
-    let _first = FakeKiam::start(
-        (IpAddr::V4(net.host_ip), port).into(),
-        &tls,
-        one.clone(),
-        &moto::shared().url(),
-    );
-    let _second = FakeKiam::start(
-        (IpAddr::V4(second), port).into(),
-        &tls,
-        two.clone(),
-        &moto::shared().url(),
-    );
+    let _first = web_server(names.near, &tls, &one);
+    let _second = web_server(names.far, &tls, &two);
     let dir = tempfile::tempdir().expect("tempdir");
-    let iamlet = start_iamlet(
-        dir.path(),
-        pki.kiam_section(&format!("kiam.test:{port}"), "5s"),
-        Some(net.ns.name.clone()),
-    );
+    let iamlet = names.start_iamlet(&pki, dir.path());
     let (imds, admin) = (iamlet.imds, iamlet.admin);
-    let served = net.enter(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async move {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while get(ip("127.0.0.1"), admin, "/readyz", None).await.status != 200
-                && Instant::now() < deadline
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            let mut served = 0;
-            for _ in 0..40 {
-                if get(ip("127.0.0.1"), imds, CREDS, None).await.body == "web" {
-                    served += 1;
-                }
-            }
-            served
-        })
+    let served = names.run(move || async move {
+        ready_in_netns(admin).await;
+        fetch_credentials(imds, 40).await
     });
     assert_eq!(served, 40);
-    let (a, b) = (one.count("GetPodRole"), two.count("GetPodRole"));
+    // Every call counts, GetHealth too: the balancer tries each new address at once, and
+    // then prefers the faster, which may be either.
+    let (a, b) = (one.calls().len(), two.calls().len());
     assert!(
         a > 0 && b > 0,
         "one address was never used: {a} and {b} calls"
+    );
+}
+
+/// The share of calls a server got: `(its calls, all calls)` between two counts.
+fn share(server: (usize, usize), other: (usize, usize)) -> (usize, usize) {
+    let got = server.1 - server.0;
+    (got, got + other.1 - other.0)
+}
+
+#[test]
+fn calls_stay_with_the_near_server_and_move_while_it_is_down() {
+    require_netns!();
+    let pki = Pki::new();
+    let names = TwoAddresses::create();
+    let tls = pki.server_tls(&pki.ca, &["kiam.test"]);
+    let (near, far) = (Script::default(), Script::default());
+    let near_server = web_server(names.near, &tls, &near);
+    // The far server, reached through a proxy that delays every chunk by 40 ms each way, as
+    // a server in another zone (or a slow one) would be.
+    let far_server = web_server(localhost(0), &tls, &far);
+    let _far_proxy = DelayProxy::start(names.far, far_server.addr, Duration::from_millis(40));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let iamlet = names.start_iamlet(&pki, dir.path());
+    let (imds, admin) = (iamlet.imds, iamlet.admin);
+    let counts = || (near.calls().len(), far.calls().len());
+    names.run(move || ready_in_netns(admin));
+
+    // Both healthy: the near one gets (nearly) every call.
+    let before = counts();
+    let served = names.run(move || fetch_credentials(imds, 200));
+    let after = counts();
+    let (near_got, total) = share((before.0, after.0), (before.1, after.1));
+    eprintln!(
+        "both healthy: near {near_got}/{total}, far {}/{total}",
+        total - near_got
+    );
+    assert_eq!(served, 200, "the pod did not always get its credentials");
+    assert!(
+        near_got * 10 >= total * 9,
+        "the near server got {near_got} of {total} calls"
+    );
+
+    // The near one stops: the calls move to the far one at once, and the pod keeps getting
+    // its credentials. (A balancer that found the dead server cheap, because it fails fast,
+    // would try it first on every call.)
+    near_server.stop();
+    let failed_before = names.run(move || failed_attempts(admin));
+    let before = counts();
+    let served = names.run(move || fetch_credentials(imds, 50));
+    let after = counts();
+    let failed = names.run(move || failed_attempts(admin)) - failed_before;
+    eprintln!(
+        "near stopped: far got {} calls for 50 requests; {failed} failed attempts",
+        after.1 - before.1
+    );
+    assert_eq!(served, 50, "the pod lost its credentials");
+    assert!(after.1 - before.1 >= 50, "the far server missed calls");
+    assert!(
+        failed <= 2.0,
+        "calls kept going to the stopped server: {failed} failed attempts"
+    );
+
+    // It comes back, and the calls with it.
+    let _near_server = web_server(names.near, &tls, &near);
+    let near_calls = near.clone();
+    let returned = near.calls().len();
+    names.run(move || async move {
+        eventually("a call to the near server again", WITHIN, || async {
+            fetch_credentials(imds, 1).await;
+            near_calls.calls().len() > returned
+        })
+        .await;
+    });
+    let before = counts();
+    let served = names.run(move || fetch_credentials(imds, 100));
+    let after = counts();
+    let (near_got, total) = share((before.0, after.0), (before.1, after.1));
+    eprintln!(
+        "near back: near {near_got}/{total}, far {}/{total}",
+        total - near_got
+    );
+    assert_eq!(served, 100);
+    assert!(
+        near_got * 10 >= total * 9,
+        "the near server got {near_got} of {total} calls after it came back"
     );
 }

@@ -1,7 +1,8 @@
-//! The gRPC client for a kiam server. Every address the server name resolves to gets an
-//! endpoint in one balanced channel, re-resolved every `resolve_interval`; certificate files
-//! are re-read when they change and every endpoint is rebuilt with them. Nothing here fails
-//! because the server is unreachable: requests wait for it within their deadline, and
+//! The gRPC client for a kiam server. Every address the server name resolves to is a server
+//! in one balancer ([`super::balance`]: by latency, so in practice the servers in this node's
+//! zone, and away from failing ones), re-resolved every `resolve_interval`; certificate files
+//! are re-read when they change and every server is dialled again with them. Nothing here
+//! fails because the server is unreachable: requests wait for it within their deadline, and
 //! `/readyz` says not ready until `GetHealth` answers.
 
 use std::collections::HashSet;
@@ -10,16 +11,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use futures::future::BoxFuture;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::channel::Change;
+use tonic::body::Body;
+use tonic::codegen::http;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tower::discover::Change;
 
+use super::balance::{self, Balanced, Dial, Server};
 use super::proto::kiam_service_client::KiamServiceClient;
 use super::proto::{self, GetHealthRequest, GetPodCredentialsRequest, GetPodRoleRequest};
 use super::tls::{self, Files};
-use super::{Config, FORBIDDEN, NO_POD_FOUND, POD_NOT_FOUND};
+use super::{Config, FORBIDDEN, NO_POD_FOUND, POD_NOT_FOUND, code_label};
 use crate::metrics::Metrics;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -29,6 +33,9 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(5);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The balancer over the server's addresses, which the generated client calls through.
+type Balancer = Balanced<http::Request<Body>, http::Response<Body>>;
 
 /// How a call ended, when it did not succeed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,21 +59,44 @@ pub enum SetupError {
     Tls(#[from] tls::Error),
 }
 
-/// Cheap to clone; clones share the channel.
+/// Cheap to clone; clones share the balancer.
 #[derive(Clone)]
 pub struct KiamClient {
-    channel: Channel,
+    balancer: Balancer,
     deadline: Duration,
     healthy: Arc<AtomicBool>,
     metrics: Metrics,
 }
 
-/// Keeps the channel's endpoints current: addresses and certificates.
+/// Keeps the balancer's servers current: addresses and certificates.
 pub struct Discovery {
     config: Config,
     host: String,
     tls: ClientTlsConfig,
-    changes: mpsc::Sender<Change<SocketAddr, Endpoint>>,
+    changes: balance::Changes<ServerAddress>,
+}
+
+/// One address of the kiam server, as tonic reaches it: a channel that connects when called
+/// and reconnects after trouble (a connection failure fails the call, never `poll_ready`).
+struct ServerAddress(Endpoint);
+
+impl Dial for ServerAddress {
+    type Service = Channel;
+
+    fn dial(&self) -> Channel {
+        self.0.connect_lazy()
+    }
+
+    /// `GetHealth` over a channel of its own: answered at all means reachable.
+    fn probe(&self) -> BoxFuture<'static, bool> {
+        let mut client = KiamServiceClient::new(self.dial());
+        Box::pin(async move {
+            let mut request = tonic::Request::new(GetHealthRequest {});
+            request.set_timeout(HEALTH_TIMEOUT);
+            let answer = tokio::time::timeout(HEALTH_TIMEOUT, client.get_health(request)).await;
+            matches!(answer, Ok(Ok(_)))
+        })
+    }
 }
 
 impl KiamClient {
@@ -77,9 +107,9 @@ impl KiamClient {
             .host_port()
             .ok_or_else(|| SetupError::Server(config.server.clone()))?;
         let tls = files(config).load(host)?;
-        let (channel, changes) = Channel::balance_channel(64);
+        let (balancer, changes) = balance::balanced(64);
         let client = KiamClient {
-            channel,
+            balancer,
             deadline: config.request_deadline,
             healthy: Arc::new(AtomicBool::new(false)),
             metrics,
@@ -178,7 +208,7 @@ impl KiamClient {
         send: F,
     ) -> Result<T, CallError>
     where
-        F: Fn(KiamServiceClient<Channel>, Duration) -> Fut,
+        F: Fn(KiamServiceClient<Balancer>, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let started = Instant::now();
@@ -190,7 +220,7 @@ impl KiamClient {
         loop {
             let attempt = Instant::now();
             let left = until.saturating_duration_since(attempt);
-            let client = KiamServiceClient::new(self.channel.clone());
+            let client = KiamServiceClient::new(self.balancer.clone());
             let outcome = tokio::time::timeout_at(until, send(client, left)).await;
             let (code, result) = match outcome {
                 Err(_) => (
@@ -202,8 +232,7 @@ impl KiamClient {
                     let code = code_label(status.code());
                     let error = if status.message() == FORBIDDEN {
                         CallError::Forbidden
-                    } else if status.message() == NO_POD_FOUND || status.message() == POD_NOT_FOUND
-                    {
+                    } else if [NO_POD_FOUND, POD_NOT_FOUND].contains(&status.message()) {
                         CallError::NoPod
                     } else {
                         CallError::Failed(format!("{}: {}", status.code(), status.message()))
@@ -226,21 +255,6 @@ impl KiamClient {
                 }
             }
         }
-    }
-}
-
-fn code_label(code: tonic::Code) -> &'static str {
-    use tonic::Code;
-    match code {
-        Code::Ok => "ok",
-        Code::Unknown => "unknown",
-        Code::Unavailable => "unavailable",
-        Code::DeadlineExceeded => "deadline_exceeded",
-        Code::Unauthenticated => "unauthenticated",
-        Code::PermissionDenied => "permission_denied",
-        Code::Internal => "internal",
-        Code::Cancelled => "cancelled",
-        _ => "other",
     }
 }
 
@@ -271,8 +285,16 @@ impl Discovery {
         }
     }
 
-    async fn send(&self, change: Change<SocketAddr, Endpoint>) {
-        let _ = self.changes.send(change).await;
+    /// Balances over `addr` from now on, replacing any server there before.
+    async fn insert(&self, addr: SocketAddr) {
+        if let Some(endpoint) = self.endpoint(addr) {
+            let server = Server::new(addr, ServerAddress(endpoint));
+            let _ = self.changes.send(Change::Insert(addr, server)).await;
+        }
+    }
+
+    async fn remove(&self, addr: SocketAddr) {
+        let _ = self.changes.send(Change::Remove(addr)).await;
     }
 
     /// Re-resolves the server name and re-reads the certificates until `cancel`.
@@ -292,9 +314,7 @@ impl Discovery {
                         self.tls = tls;
                         fingerprint = fresh;
                         for addr in &current {
-                            if let Some(endpoint) = self.endpoint(*addr) {
-                                self.send(Change::Insert(*addr, endpoint)).await;
-                            }
+                            self.insert(*addr).await;
                         }
                         tracing::info!("kiam certificates changed; connections rebuilt with them");
                     }
@@ -308,12 +328,10 @@ impl Discovery {
                     Ok(addrs) => {
                         let resolved: HashSet<SocketAddr> = addrs.collect();
                         for gone in current.difference(&resolved) {
-                            self.send(Change::Remove(*gone)).await;
+                            self.remove(*gone).await;
                         }
                         for new in resolved.difference(&current) {
-                            if let Some(endpoint) = self.endpoint(*new) {
-                                self.send(Change::Insert(*new, endpoint)).await;
-                            }
+                            self.insert(*new).await;
                         }
                         if resolved != current {
                             let mut list: Vec<_> =

@@ -9,6 +9,7 @@
 //!   cache by (pod IP, role);
 //! - `server`: `iamlet server`, the kiam-compatible server itself.
 
+mod balance;
 mod broker;
 pub mod client;
 pub mod server;

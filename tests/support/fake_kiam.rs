@@ -1,7 +1,8 @@
 //! A fake kiam server: the generated `KiamService` on tonic with mutual TLS (a client
 //! certificate signed by the CA is required), answering from a script per pod IP and, like a
-//! real kiam server, getting credentials from STS (moto). It records every call with the
-//! client certificate it came with.
+//! real kiam server, getting credentials from STS (moto) and wording an unknown pod as real
+//! kiam servers do (`GetPodRole`: "pod not found"; `GetPodCredentials`: "no pod found"). It
+//! records every call with the client certificate it came with.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,8 +21,11 @@ use tonic::{Request, Response, Status};
 pub enum Answer {
     Role(String),
     Forbidden,
-    /// "no pod found" until the instant, then the role.
+    /// An unknown pod until the instant, then the role.
     NoPodUntil(Instant, String),
+    /// The role, but `GetPodCredentials` says "no pod found" until the instant (a server
+    /// whose pod list lags, or a pod deleted between the two calls).
+    NoCredentialsUntil(Instant, String),
 }
 
 #[derive(Debug, Clone)]
@@ -64,18 +68,25 @@ impl Script {
         });
     }
 
-    fn role(&self, ip: &str) -> Result<String, Status> {
+    /// The role of the pod at `ip`, as `method` sees it.
+    fn role(&self, method: &str, ip: &str) -> Result<String, Status> {
+        let no_pod = || {
+            Status::unknown(match method {
+                "GetPodRole" => "pod not found",
+                _ => "no pod found",
+            })
+        };
         match self.answers.lock().expect("answers").get(ip).cloned() {
-            None => Err(Status::unknown("no pod found")),
+            None => Err(no_pod()),
             Some(Answer::Role(role)) => Ok(role),
             Some(Answer::Forbidden) => Err(Status::unknown("forbidden by policy")),
-            Some(Answer::NoPodUntil(until, role)) => {
-                if Instant::now() < until {
-                    Err(Status::unknown("no pod found"))
-                } else {
-                    Ok(role)
-                }
+            Some(Answer::NoPodUntil(until, _)) if Instant::now() < until => Err(no_pod()),
+            Some(Answer::NoCredentialsUntil(until, _))
+                if method == "GetPodCredentials" && Instant::now() < until =>
+            {
+                Err(no_pod())
             }
+            Some(Answer::NoPodUntil(_, role) | Answer::NoCredentialsUntil(_, role)) => Ok(role),
         }
     }
 }
@@ -94,7 +105,7 @@ impl KiamService for Service {
         let ip = request.get_ref().ip.clone();
         self.script.record("GetPodRole", &ip, &request);
         Ok(Response::new(Role {
-            name: self.script.role(&ip)?,
+            name: self.script.role("GetPodRole", &ip)?,
         }))
     }
 
@@ -104,7 +115,7 @@ impl KiamService for Service {
     ) -> Result<Response<Credentials>, Status> {
         let GetPodCredentialsRequest { ip, role } = request.get_ref().clone();
         self.script.record("GetPodCredentials", &ip, &request);
-        if self.script.role(&ip)? != role {
+        if self.script.role("GetPodCredentials", &ip)? != role {
             return Err(Status::unknown("forbidden by policy"));
         }
         let assumed = self

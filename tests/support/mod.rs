@@ -4,6 +4,7 @@
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
 pub mod apiserver;
+pub mod delay_proxy;
 pub mod fake_kiam;
 pub mod fake_kube;
 pub mod http;
