@@ -264,6 +264,17 @@ impl Config {
             policy::RoleArn::resolve(&self.policy.default_role, &check_base)
                 .map_err(|err| ConfigError::new("policy.default_role", err))?;
         }
+        if !self.pods.startup_taint.is_empty() {
+            check_taint_key(&self.pods.startup_taint)
+                .map_err(|err| ConfigError::new("pods.startup_taint", err))?;
+            if self.pods.source != pods::Source::Kubernetes || self.kiam.enabled() {
+                return Err(ConfigError::new(
+                    "pods.startup_taint",
+                    "needs pods.source = \"kubernetes\" in standalone mode (the agent removes the taint through the API, which server-backed agents cannot reach)",
+                ));
+            }
+        }
+        positive("pods.max_staleness", self.pods.max_staleness)?;
         if self.pods.source == pods::Source::Kubernetes {
             if self.pods.wait_for_pod >= self.imds.request_timeout {
                 return Err(ConfigError::new(
@@ -327,6 +338,43 @@ impl Config {
         }
         policy::check_session_template(&credentials.session_name)
             .map_err(|err| ConfigError::new("credentials.session_name", err))
+    }
+}
+
+/// A taint key, as Kubernetes checks it: an optional DNS-subdomain prefix and `/`, then a name
+/// of up to 63 characters of `[A-Za-z0-9_.-]`, starting and ending alphanumeric.
+fn check_taint_key(key: &str) -> Result<(), String> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    let alnum_ends = |s: &str| {
+        s.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+    };
+    let name_ok = !name.is_empty()
+        && name.len() <= 63
+        && alnum_ends(name)
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    let prefix_ok = prefix.is_none_or(|prefix| {
+        !prefix.is_empty()
+            && prefix.len() <= 253
+            && prefix.split('.').all(|label| {
+                !label.is_empty()
+                    && alnum_ends(label)
+                    && label
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            })
+    });
+    if name_ok && prefix_ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{key:?} is not a taint key (an optional DNS prefix and '/', then up to 63 of [A-Za-z0-9_.-])"
+        ))
     }
 }
 
@@ -516,6 +564,12 @@ mod tests {
                 "iptables.host_interface",
             ),
             ("[iptables]\nenabled = true", "imds.listen"),
+            ("[pods]\nstartup_taint = \"not ok/\"", "pods.startup_taint"),
+            (
+                "[pods]\nsource = \"static\"\nstartup_taint = \"iamlet.io/not-ready\"",
+                "pods.startup_taint",
+            ),
+            ("[pods]\nmax_staleness = \"0s\"", "pods.max_staleness"),
         ];
         for (toml, key) in cases {
             assert_eq!(&key_of(load(toml, &[], Vec::new())), key, "{toml}");

@@ -156,6 +156,21 @@ impl<S: CredentialSource, C: Clock> Cache<S, C> {
         state.credentials.as_ref().map(|c| c.expiration)
     }
 
+    /// How many identities the cache holds that STS has not been asked for yet (whatever its
+    /// answer will be): after a start, `/readyz` waits for none, so that a restarted iamlet is
+    /// warm before it says it is ready. An identity being fetched right now counts.
+    pub fn unfetched(&self) -> usize {
+        self.inner
+            .entries
+            .iter()
+            .filter(|(_, entry)| {
+                entry.state.try_lock().map_or(true, |state| {
+                    state.credentials.is_none() && state.refused.is_none() && state.failures == 0
+                })
+            })
+            .count()
+    }
+
     /// Makes the cache hold exactly `wanted`: new keys are fetched in the background now,
     /// keys no longer wanted are evicted, and refusals may be retried (pods or policy changed).
     pub fn sync(&self, wanted: &HashSet<AssumeRoleRequest>) {

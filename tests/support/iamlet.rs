@@ -282,6 +282,14 @@ impl Iamlet {
         }
     }
 
+    /// Kills the process with SIGKILL (no drain, nothing cleaned up) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Whether `/readyz` answers 200.
     pub async fn ready(&self) -> bool {
         let reply = super::http::get(self.admin.ip(), self.admin, "/readyz", None).await;
