@@ -323,3 +323,51 @@ fn overlay_configs_pass_config_check() {
         assert!(out.status.success(), "{overlay}: {stderr}");
     }
 }
+
+#[test]
+fn the_startup_taint_component_renders_and_validates() {
+    let Some(plain) = render("standalone") else {
+        return;
+    };
+    // An overlay of the user's, beside the repository's (kustomize wants relative paths): the
+    // standalone overlay plus the component.
+    let target = support::repo().join("target");
+    std::fs::create_dir_all(&target).expect("target");
+    let dir = tempfile::tempdir_in(&target).expect("tempdir");
+    let deploy = support::repo().join("deploy");
+    std::fs::write(
+        dir.path().join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  \
+         - ../../deploy/overlays/standalone\ncomponents:\n  - ../../deploy/components/startup-taint\n",
+    )
+    .expect("kustomization");
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir.path())
+        .output()
+        .expect("kubectl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!plain.contains("IAMLET_PODS__STARTUP_TAINT"));
+    assert!(rendered.contains("name: IAMLET_PODS__STARTUP_TAINT"));
+    assert!(rendered.contains("value: iamlet.io/agent-not-ready"));
+    assert!(rendered.contains("- nodes"));
+    let file = dir.path().join("rendered.yaml");
+    std::fs::write(&file, &rendered).expect("write");
+    let out = Command::new(support::peer_program("kubernetes-validate"))
+        .args(["--strict", "--quiet"])
+        .arg(&file)
+        .arg(deploy.join("components/startup-taint/policy.yaml"))
+        .output()
+        .expect("kubernetes-validate");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
