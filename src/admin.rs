@@ -120,12 +120,14 @@ pub async fn probe(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String
             String::from_utf8_lossy(&body.to_bytes()).into_owned(),
         ))
     };
-    tokio::time::timeout(Duration::from_secs(3), exchange)
+    let answer = tokio::time::timeout(Duration::from_secs(3), exchange)
         .await
-        .map_err(|_| {
-            Error::new(
-                ErrorKind::TimedOut,
-                format!("no answer from {addr} within 3s"),
-            )
-        })?
+        .unwrap_or_else(|_| Err(Error::new(ErrorKind::TimedOut, "no answer within 3s")));
+    // Name the address: a wrong port or a config that is not the running iamlet's shows at once.
+    answer.map_err(|err| {
+        Error::new(
+            err.kind(),
+            format!("cannot reach the admin port at {addr} (admin.listen): {err}"),
+        )
+    })
 }

@@ -157,11 +157,28 @@ fn agent(args: &AgentArgs) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!("{err:#}");
-            eprintln!("iamlet: {err:#}");
+            let report = report(&err);
+            tracing::error!("{report}");
+            eprintln!("iamlet: {report}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once: iamlet's errors put their cause in their own text
+/// (so they read well alone) and also return it as `source()`; `{:#}` would repeat it.
+fn report(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain().map(ToString::to_string) {
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -42,8 +42,20 @@ const QUIET_DEPENDENCIES: &[&str] = &[
     "h2",
 ];
 
+/// Levels a bare word may name. tracing would read any other bare word as a target, so
+/// `verbose` would turn on one target nobody has and silence everything else.
+const LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
+
 /// The filter for a configured level: the level for iamlet, `warn` for chatty dependencies.
 pub fn filter(level: &str) -> Result<EnvFilter, String> {
+    for directive in level.split(',').map(str::trim) {
+        if !directive.contains('=') && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "{directive:?} is not a level: use error, warn, info, debug, trace or off, or \
+                 target=level directives such as \"info,iamlet::imds=debug\""
+            ));
+        }
+    }
     let mut directives = level.to_owned();
     if !level.contains('=') {
         for dependency in QUIET_DEPENDENCIES {
@@ -65,4 +77,25 @@ pub fn init(config: &Config) -> Result<(), String> {
         Format::Json => builder.json().flatten_event(true).try_init(),
     };
     installed.map_err(|err| err.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_words_must_be_levels() {
+        for ok in [
+            "info",
+            "DEBUG",
+            "warn,iamlet::imds=debug",
+            "off",
+            "iamlet=trace",
+        ] {
+            assert!(filter(ok).is_ok(), "{ok}");
+        }
+        for bad in ["verbose", "info,verbose", "", "iamlet=verbose"] {
+            assert!(filter(bad).is_err(), "{bad:?}");
+        }
+    }
 }
