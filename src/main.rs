@@ -55,7 +55,7 @@ enum ConfigAction {
 enum IptablesAction {
     /// Remove the interception rule and iamlet's chain (for an uninstall); exit 0 when gone.
     Uninstall {
-        /// Accepted for symmetry with `agent`; the chain is found by name.
+        /// The agent's config: its iptables.backend picks the backend as the agent does.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -199,11 +199,21 @@ async fn shutdown_signal() {
 }
 
 fn uninstall(config: Option<PathBuf>) -> ExitCode {
-    if let Err(err) = Config::load(config.as_deref(), Vec::new()) {
-        eprintln!("iamlet iptables uninstall: configuration error: {err}");
-        return ExitCode::from(EXIT_CONFIG);
-    }
-    match iamlet::iptables::remove() {
+    let config = match Config::load(config.as_deref(), Vec::new()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("iamlet iptables uninstall: configuration error: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    // The same choice the agent makes, so the rule is looked for where the agent put it.
+    let selection = iamlet::iptables::select(config.iptables.backend);
+    println!(
+        "iptables backend: {} ({})",
+        selection.backend.name(),
+        selection.reason
+    );
+    match iamlet::iptables::remove(selection.backend) {
         Ok(true) => {
             println!("removed the {} chain and its jump", iamlet::iptables::CHAIN);
             ExitCode::SUCCESS
