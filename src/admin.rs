@@ -1,5 +1,8 @@
 //! The admin port: `/healthz`, `/readyz` and `/metrics`. It listens apart from the pod-facing
-//! port, so pods never reach it through the interception rule.
+//! port, so pods never reach it through the interception rule. What it tells (liveness, the
+//! readiness reason, counters labelled by route, status and error kind) names no pod, role or
+//! credential, so it may listen on the node's IP for Prometheus; keep anything more private off
+//! this port.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -70,10 +73,11 @@ fn answer(
             ),
         },
         "/metrics" => {
+            metrics.set_ready(readiness().is_none());
             let mut response = text(StatusCode::OK, metrics.encode());
             response.headers_mut().insert(
                 CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
             );
             response
         }
