@@ -68,9 +68,11 @@ pub fn filter(level: &str) -> Result<EnvFilter, String> {
 /// Installs the global subscriber. Call once, from `main`.
 pub fn init(config: &Config) -> Result<(), String> {
     let filter = filter(&config.level)?;
+    // Colours only for a terminal: escape codes would litter log files and pipes.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     let installed = match config.format {
         Format::Text => builder.try_init(),

@@ -21,7 +21,7 @@
 #   ARCHES             Debian architecture names: amd64, arm64 (default: this machine's)
 #   IAMLET_BINARY      use this iamlet instead of building one (a single architecture only)
 #   CONTEXT_DIR        the build context (default target/image)
-#   CACHE_DIR          cached root filesystems (default ~/.cache/iamlet/image)
+#   CACHE_DIR          cached root filesystems (default $IAMLET_CACHE/image, ~/.cache/iamlet/image)
 #   BASE_MAX_AGE_DAYS  remake a cached root filesystem older than this (default 7), so
 #                      Debian's security updates reach the image
 #   MIRROR             Debian mirror (default http://deb.debian.org/debian)
@@ -47,7 +47,7 @@ case "$(uname -m)" in
 esac
 read -r -a arches <<< "${ARCHES:-$host_arch}"
 context=${CONTEXT_DIR:-target/image}
-cache=${CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/iamlet/image}
+cache=${CACHE_DIR:-${IAMLET_CACHE:-$HOME/.cache/iamlet}/image}
 max_age=${BASE_MAX_AGE_DAYS:-7}
 mirror=${MIRROR:-http://deb.debian.org/debian}
 security_mirror=${SECURITY_MIRROR:-${mirror%/debian}/debian-security}
