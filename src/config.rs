@@ -133,7 +133,7 @@ impl Config {
         if self.admin.listen == self.imds.listen && self.imds.listen.port() != 0 {
             return Err(ConfigError::new(
                 "admin.listen",
-                "must differ from imds.listen: pods must never reach the admin endpoints",
+                "must differ from imds.listen, where the interception rule sends pods",
             ));
         }
         if !self.aws.base_role_arn.is_empty() {
