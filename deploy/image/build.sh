@@ -139,10 +139,10 @@ fi
 # One image per architecture, tagged $IMAGE-<arch>; $IMAGE itself names this machine's (or the
 # first) architecture. A push sends one manifest list over all of them to $IMAGE. The list is
 # made only for the push and removed after it: podman 4.3 (Debian bookworm) cannot list images
-# while a manifest list is stored locally.
+# while a manifest list is stored locally. No layer cache: it would only keep dangling images.
 for arch in "${arches[@]}"; do
   echo "image: podman build --platform linux/$arch -t $image-$arch"
-  podman build --quiet --platform "linux/$arch" -t "$image-$arch" \
+  podman build --quiet --layers=false --platform "linux/$arch" -t "$image-$arch" \
     -f deploy/image/Containerfile "$context" >/dev/null
 done
 local_arch=${arches[0]}
