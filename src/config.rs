@@ -135,7 +135,7 @@ impl Config {
         if self.admin.listen == self.imds.listen && self.imds.listen.port() != 0 {
             return Err(ConfigError::new(
                 "admin.listen",
-                "must differ from imds.listen: pods must never reach the admin endpoints",
+                "must differ from imds.listen, where the interception rule sends pods",
             ));
         }
         if !self.aws.base_role_arn.is_empty() {
@@ -250,7 +250,9 @@ impl Config {
                 format!(
                     "{target} cannot be the DNAT target of the interception rule; with \
                      iptables.enabled, listen on an address pods are routed to, such as the \
-                     node's IP (HOST_IP)"
+                     node's IP. The shipped DaemonSet sets IAMLET_IMDS__LISTEN=$(HOST_IP):8181; \
+                     to check its iamlet.toml, set it too (IAMLET_IMDS__LISTEN=10.0.0.1:8181 \
+                     iamlet config check FILE)"
                 ),
             ));
         }
@@ -449,7 +451,22 @@ fn from_figment(err: figment::Error) -> ConfigError {
     } else {
         err.path.join(".")
     };
-    ConfigError::new(key, format!("{}{source}", err.kind))
+    ConfigError::new(key, format!("{}{source}", describe(&err.kind)))
+}
+
+/// Figment's text for an error, except that unknown names list the known ones once quoted
+/// (figment's own text quotes the list twice: ``expected ``a` or `b`` ``).
+fn describe(kind: &figment::error::Kind) -> String {
+    use figment::error::{Kind, OneOf};
+    match kind {
+        Kind::UnknownVariant(found, expected) => {
+            format!("unknown value `{found}`, expected {}", OneOf(expected))
+        }
+        Kind::UnknownField(found, expected) => {
+            format!("unknown key `{found}`, expected {}", OneOf(expected))
+        }
+        other => other.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -576,6 +593,23 @@ mod tests {
         }
         let env = [("IAMLET_IMDS__TOKENS", "sometimes")];
         assert_eq!(key_of(load("", &env, Vec::new())), "imds.tokens");
+    }
+
+    #[test]
+    fn unknown_names_list_the_known_ones_quoted_once() {
+        let err = load("[imds]\ntokens = \"always\"", &[], Vec::new()).expect_err("bad");
+        assert!(
+            err.message
+                .starts_with("unknown value `always`, expected `optional` or `required` (from"),
+            "{err}"
+        );
+        let err = load("[imds]\nlistne = \"127.0.0.1:1\"", &[], Vec::new()).expect_err("bad");
+        assert!(
+            err.message
+                .starts_with("unknown key `listne`, expected one of `listen`, "),
+            "{err}"
+        );
+        assert!(!err.message.contains("``"), "{err}");
     }
 
     #[test]
