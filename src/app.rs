@@ -99,6 +99,7 @@ impl App {
             upstream,
             metrics: metrics.clone(),
             request_timeout: config.imds.request_timeout,
+            clock: Arc::new(crate::clock::SystemClock),
         });
         // Only now, with the pod-facing listener bound and everything behind it ready, may pod
         // traffic be sent here.

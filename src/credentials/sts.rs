@@ -7,6 +7,7 @@ use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sts::operation::assume_role::AssumeRoleError;
 
 use super::{AssumeRoleRequest, CredentialSource, Credentials, Error, Trouble};
+use crate::clock::{Clock, SystemClock};
 use crate::metrics::Metrics;
 use crate::policy::RoleArn;
 
@@ -16,6 +17,7 @@ pub struct StsSource {
     client: aws_sdk_sts::Client,
     session_duration: Duration,
     metrics: Metrics,
+    clock: std::sync::Arc<dyn Clock>,
 }
 
 impl StsSource {
@@ -24,6 +26,15 @@ impl StsSource {
             client,
             session_duration,
             metrics,
+            clock: std::sync::Arc::new(SystemClock),
+        }
+    }
+
+    /// The same source with `clock` for the credentials' `last_updated`.
+    pub fn with_clock(self, clock: impl Clock) -> Self {
+        StsSource {
+            clock: std::sync::Arc::new(clock),
+            ..self
         }
     }
 }
@@ -51,7 +62,7 @@ impl CredentialSource for StsSource {
                     session_token: c.session_token,
                     expiration: SystemTime::try_from(c.expiration)
                         .unwrap_or(SystemTime::UNIX_EPOCH),
-                    last_updated: SystemTime::now(),
+                    last_updated: self.clock.now(),
                 })
                 .ok_or_else(|| Error::Unavailable {
                     role_arn: request.role_arn.clone(),

@@ -32,6 +32,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
+use crate::clock::Clock;
 use crate::http_server::{self, Limits};
 use crate::metrics::Metrics;
 
@@ -94,6 +95,8 @@ pub struct State<B> {
     pub upstream: Upstream,
     pub metrics: Metrics,
     pub request_timeout: Duration,
+    /// Wall time for tokens and documents.
+    pub clock: Arc<dyn Clock>,
 }
 
 /// Serves pods on `listener` until `cancel` fires.

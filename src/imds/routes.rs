@@ -156,28 +156,28 @@ async fn answer<B: Broker>(state: &State<B>, ip: IpAddr, metadata: Metadata<'_>)
             Ok(role) => {
                 Outcome::text(StatusCode::OK, "info\nsecurity-credentials/").for_pod(role.pod.key())
             }
-            Err(err) => broker_error(err),
+            Err(err) => broker_error(err, state.clock.now()),
         },
         Metadata::RoleName => match state.broker.role(ip).await {
             // Exactly the name: aws-sdk-rust fails on a trailing newline.
             Ok(role) => Outcome::text(StatusCode::OK, role.role_arn.name().to_owned())
                 .for_pod(role.pod.key()),
-            Err(err) => broker_error(err),
+            Err(err) => broker_error(err, state.clock.now()),
         },
         Metadata::Info => match state.broker.role(ip).await {
             Ok(role) => Outcome::text(
                 StatusCode::OK,
-                document::info(&role.role_arn, SystemTime::now()),
+                document::info(&role.role_arn, state.clock.now()),
             )
             .for_pod(role.pod.key()),
-            Err(err) => broker_error(err),
+            Err(err) => broker_error(err, state.clock.now()),
         },
         Metadata::Credentials(name) => match state.broker.credentials(ip, name).await {
             Ok((role, credentials)) => {
                 Outcome::text(StatusCode::OK, document::credentials(&credentials))
                     .for_pod(role.pod.key())
             }
-            Err(err) => broker_error(err),
+            Err(err) => broker_error(err, state.clock.now()),
         },
         Metadata::Upstream(path) => proxy(state, path).await,
     }
@@ -208,7 +208,7 @@ fn issue_token<B>(state: &State<B>, ip: IpAddr, headers: &HeaderMap) -> Outcome 
     };
     let minted = state
         .tokens
-        .mint(ip, Duration::from_secs(ttl), SystemTime::now());
+        .mint(ip, Duration::from_secs(ttl), state.clock.now());
     let mut outcome = Outcome::text(StatusCode::OK, minted);
     // aws-sdk-rust refuses a token whose answer does not repeat the TTL.
     outcome
@@ -224,7 +224,7 @@ fn check_token<B>(state: &State<B>, ip: IpAddr, headers: &HeaderMap) -> Result<(
         Some(value) => {
             let valid = value
                 .to_str()
-                .is_ok_and(|token| state.tokens.verify(token, ip, SystemTime::now()));
+                .is_ok_and(|token| state.tokens.verify(token, ip, state.clock.now()));
             if valid {
                 Ok(())
             } else {
@@ -271,7 +271,7 @@ fn method_not_allowed(allow: &'static str) -> Outcome {
 
 /// The one place where broker errors become answers, and where the ones an operator acts on
 /// are logged above `debug`.
-fn broker_error(err: broker::Error) -> Outcome {
+fn broker_error(err: broker::Error, now: SystemTime) -> Outcome {
     use broker::Error;
     match err {
         Error::UnknownPod(_) => Outcome::text(
@@ -300,10 +300,7 @@ fn broker_error(err: broker::Error) -> Outcome {
         }
         Error::Credentials(ref source @ credentials::Error::Refused { ref message, .. }) => {
             tracing::warn!(error = %source, "STS refused AssumeRole");
-            Outcome::text(
-                StatusCode::OK,
-                document::unauthorized(message, SystemTime::now()),
-            )
+            Outcome::text(StatusCode::OK, document::unauthorized(message, now))
         }
         Error::Unavailable(ref message) => {
             tracing::warn!(error = %message, "no answer for a pod");

@@ -59,6 +59,16 @@ pub fn peer_program(name: &str) -> PathBuf {
     on_path.unwrap_or_else(|| panic!("{name} not found: run `bash .ci/setup` first"))
 }
 
+/// The wall clock, for comparing with times that a separate process (iamlet, a fake server)
+/// wrote. iamlet's own code takes an injected clock; clippy refuses `SystemTime::now` elsewhere.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "tests compare with times another process read from the same wall clock"
+)]
+pub fn wall_clock() -> std::time::SystemTime {
+    std::time::SystemTime::now()
+}
+
 /// Polls `check` until it holds, for at most `within`: watch events, refreshes and restarts
 /// take a moment to show. Panics naming `what` if it never does.
 pub async fn eventually<F: std::future::Future<Output = bool>>(
