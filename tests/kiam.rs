@@ -173,10 +173,12 @@ async fn forbidden_is_final_and_no_pod_is_retried_within_the_deadline() {
     let unknown = get(ip("127.0.0.6"), iamlet.imds, CREDS, None).await;
     assert_eq!(unknown.status, 404);
     assert!(calls_for("127.0.0.6") > 2, "no pod found was not retried");
-    // Known within the deadline: found.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let found = get(ip("127.0.0.6"), iamlet.imds, CREDS, None).await;
-    assert_eq!((found.status, found.body.as_str()), (200, "web"));
+    // Once the server knows the pod: found.
+    eventually("found once the server knows the pod", WITHIN, || async {
+        let found = get(ip("127.0.0.6"), iamlet.imds, CREDS, None).await;
+        (found.status, found.body.as_str()) == (200, "web")
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -248,7 +250,16 @@ async fn refused_server(server_tls: ServerTls, pki: &Pki) {
     let World { script, iamlet, .. } = &World::start(pki, &server_tls, "1s");
     let reply = get(ip("127.0.0.1"), iamlet.imds, CREDS, None).await;
     assert_eq!(reply.status, 503, "{reply:?}");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Its health check has met the server and failed, and readiness follows health checks.
+    eventually("a failed GetHealth against the server", WITHIN, || async {
+        let metrics = get(iamlet.admin.ip(), iamlet.admin, "/metrics", None).await;
+        metrics.body.lines().any(|line| {
+            line.starts_with("iamlet_kiam_calls_total{method=\"GetHealth\",code=\"")
+                && !line.contains("code=\"ok\"")
+                && !line.ends_with(" 0")
+        })
+    })
+    .await;
     assert!(!iamlet.ready().await);
     assert!(
         script.calls().is_empty(),
