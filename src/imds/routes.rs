@@ -7,12 +7,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{HeaderMap, Method, Request, Response, StatusCode};
 
+use super::fair_share::Limit;
 use super::{State, TokenPolicy, document, token};
 use crate::broker::{self, Broker};
 use crate::credentials;
+use crate::metrics::Metrics;
 
 const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 const TOKEN_TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
@@ -102,14 +104,18 @@ pub async fn handle<B: Broker>(
     let ip = remote.ip().to_canonical();
     let path = request.uri().path();
     let route = Route::of(path);
-    let outcome = match tokio::time::timeout(
-        state.request_timeout,
-        dispatch(&state, ip, route, request.method(), request.headers()),
-    )
-    .await
-    {
-        Ok(outcome) => outcome,
-        Err(_) => Outcome::text(StatusCode::GATEWAY_TIMEOUT, "iamlet: request timed out\n"),
+    let _in_flight = InFlight::new(&state.metrics);
+    let outcome = match state.fair_share.request(ip) {
+        Ok(_ticket) => match tokio::time::timeout(
+            state.request_timeout,
+            dispatch(&state, ip, route, request.method(), request.headers()),
+        )
+        .await
+        {
+            Ok(outcome) => outcome,
+            Err(_) => Outcome::text(StatusCode::GATEWAY_TIMEOUT, "iamlet: request timed out\n"),
+        },
+        Err(limit) => over_share(limit),
     };
     let status = outcome.response.status().as_u16();
     let elapsed = started.elapsed();
@@ -255,6 +261,42 @@ async fn proxy<B>(state: &State<B>, path: &str) -> Outcome {
             )
         }
     }
+}
+
+/// Counts a request in `iamlet_imds_requests_in_flight` for as long as it lives, including
+/// when the client hangs up and the request is dropped.
+struct InFlight<'a>(&'a Metrics);
+
+impl<'a> InFlight<'a> {
+    fn new(metrics: &'a Metrics) -> Self {
+        metrics.track_in_flight(1);
+        InFlight(metrics)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.track_in_flight(-1);
+    }
+}
+
+/// The client is over its fair share: 503 with `Retry-After`, which SDKs' IMDS clients retry
+/// (several retry 5xx but not 429).
+fn over_share(limit: Limit) -> Outcome {
+    let what = match limit {
+        Limit::Connections => "connections",
+        Limit::Requests => "requests at once",
+        Limit::Rate => "requests per second",
+    };
+    let mut outcome = Outcome::text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("iamlet: too many {what} from this address; retry shortly\n"),
+    );
+    outcome
+        .response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    outcome
 }
 
 fn method_not_allowed(allow: &'static str) -> Outcome {
