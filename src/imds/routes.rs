@@ -18,7 +18,8 @@ use crate::metrics::Metrics;
 
 const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 const TOKEN_TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
-const FORWARDED_FOR: &str = "x-forwarded-for";
+/// Headers that say a request came through a proxy (`Forwarded` is RFC 7239's form).
+const PROXY_HEADERS: [&str; 2] = ["x-forwarded-for", "forwarded"];
 
 const CREDENTIALS_PREFIX: &str = "/latest/meta-data/iam/security-credentials";
 
@@ -191,17 +192,13 @@ async fn answer<B: Broker>(state: &State<B>, ip: IpAddr, metadata: Metadata<'_>)
 
 fn issue_token<B>(state: &State<B>, ip: IpAddr, headers: &HeaderMap) -> Outcome {
     // EC2 refuses token requests that passed through a proxy, so tokens never leave the host.
-    if headers.contains_key(FORWARDED_FOR) {
+    if PROXY_HEADERS.iter().any(|name| headers.contains_key(*name)) {
         return Outcome::text(
             StatusCode::FORBIDDEN,
-            "iamlet: token requests carrying X-Forwarded-For are refused\n",
+            "iamlet: token requests carrying X-Forwarded-For or Forwarded are refused\n",
         );
     }
-    let ttl = headers
-        .get(TOKEN_TTL_HEADER)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.trim().parse::<u64>().ok())
-        .filter(|ttl| token::TTL_RANGE.contains(ttl));
+    let ttl = token_ttl(headers);
     let Some(ttl) = ttl else {
         return Outcome::text(
             StatusCode::BAD_REQUEST,
@@ -222,6 +219,22 @@ fn issue_token<B>(state: &State<B>, ip: IpAddr, headers: &HeaderMap) -> Outcome 
         .headers_mut()
         .insert(TOKEN_TTL_HEADER, HeaderValue::from(ttl));
     outcome
+}
+
+/// The requested token lifetime: exactly one TTL header, plain decimal digits (no sign, no
+/// exponent), within EC2's range; `None` for anything else.
+fn token_ttl(headers: &HeaderMap) -> Option<u64> {
+    let mut values = headers.get_all(TOKEN_TTL_HEADER).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return None;
+    };
+    let text = value.to_str().ok()?.trim();
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse::<u64>()
+        .ok()
+        .filter(|ttl| token::TTL_RANGE.contains(ttl))
 }
 
 /// Whether the request may proceed; the reason for a 401 when not.
