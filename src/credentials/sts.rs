@@ -85,6 +85,19 @@ const THROTTLING_CODES: &[&str] = &[
     "TooManyRequestsException",
 ];
 
+/// Codes that say iamlet's own credentials (or clock) are at fault, not the pod's role: they
+/// must not be kept as a refusal of the role, which would outlive the renewal of iamlet's
+/// credentials until pods or policy change.
+const OWN_CREDENTIAL_CODES: &[&str] = &[
+    "ExpiredToken",
+    "ExpiredTokenException",
+    "InvalidClientTokenId",
+    "RequestExpired",
+    "SignatureDoesNotMatch",
+    "IncompleteSignature",
+    "MissingAuthenticationToken",
+];
+
 fn classify(role_arn: &RoleArn, err: SdkError<AssumeRoleError, HttpResponse>) -> Error {
     let role_arn = role_arn.clone();
     match &err {
@@ -95,7 +108,13 @@ fn classify(role_arn: &RoleArn, err: SdkError<AssumeRoleError, HttpResponse>) ->
                 service.err().message().unwrap_or("no message")
             );
             let status = service.raw().status().as_u16();
-            if status == 429 || THROTTLING_CODES.contains(&code) {
+            if OWN_CREDENTIAL_CODES.contains(&code) {
+                Error::Unavailable {
+                    role_arn,
+                    kind: Trouble::OwnCredentials,
+                    message,
+                }
+            } else if status == 429 || THROTTLING_CODES.contains(&code) {
                 Error::Unavailable {
                     role_arn,
                     kind: Trouble::Throttled,
