@@ -224,7 +224,11 @@ impl NamespacePolicy {
     pub fn from_annotation(annotation: Option<&str>) -> NamespacePolicy {
         match annotation {
             None => NamespacePolicy::Unannotated,
-            Some(pattern) => match regex::Regex::new(&format!("^(?:{pattern})$")) {
+            // The pattern must be a regex on its own before it is anchored: `a)|(?:.*` would
+            // otherwise close the anchoring group and permit every role.
+            Some(pattern) => match regex::Regex::new(pattern)
+                .and_then(|_| regex::Regex::new(&format!("^(?:{pattern})$")))
+            {
                 Ok(regex) => NamespacePolicy::Permits(regex),
                 Err(err) => NamespacePolicy::Invalid {
                     pattern: pattern.to_owned(),

@@ -23,6 +23,7 @@ mod token;
 
 pub use fair_share::{ClientLimits, FairShare};
 pub use proxy::{DEFAULT_ALLOW, Upstream, check_upstream, compile_allow_list};
+pub use routes::{Metadata, Route};
 pub use token::KeyError;
 pub use token::TokenKey;
 

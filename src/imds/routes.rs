@@ -23,16 +23,17 @@ const PROXY_HEADERS: [&str; 2] = ["x-forwarded-for", "forwarded"];
 
 const CREDENTIALS_PREFIX: &str = "/latest/meta-data/iam/security-credentials";
 
-/// What a request asks for; also its `route` label in logs and metrics.
+/// What a request asks for; also its `route` label in logs and metrics. Paths are taken as
+/// they are: never decoded or normalised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Route<'a> {
+pub enum Route<'a> {
     Token,
     Metadata(Metadata<'a>),
 }
 
 /// The metadata routes: GETs, behind the token check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Metadata<'a> {
+pub enum Metadata<'a> {
     Iam,
     RoleName,
     Credentials(&'a str),
@@ -41,7 +42,8 @@ enum Metadata<'a> {
 }
 
 impl<'a> Route<'a> {
-    fn of(path: &'a str) -> Route<'a> {
+    /// The route of a request for `path` (the URI's path, without the query).
+    pub fn of(path: &'a str) -> Route<'a> {
         let metadata = match path {
             "/latest/api/token" => return Route::Token,
             "/latest/meta-data/iam" | "/latest/meta-data/iam/" => Metadata::Iam,
@@ -58,7 +60,7 @@ impl<'a> Route<'a> {
         Route::Metadata(metadata)
     }
 
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Route::Token => "token",
             Route::Metadata(Metadata::Iam) => "iam",
