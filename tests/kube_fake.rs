@@ -405,3 +405,44 @@ async fn namespace_policy_is_enforced_and_follows_changes() {
         "an invalid annotation must not take iamlet down"
     );
 }
+
+#[tokio::test]
+async fn a_list_longer_than_a_page_arrives_whole() {
+    // 1200 pods on node-1 and as many elsewhere: iamlet asks for pages of 500 (as client-go
+    // does), and the fake pages from one snapshot as the API server does from etcd.
+    let world = start(|fake| {
+        fake.load_pods((0..2400).map(|i| {
+            let node = if i % 2 == 0 { "node-1" } else { "node-2" };
+            let ip = format!("127.2.{}.{}", i / 200, 1 + i % 200);
+            let role = format!("role-{}", i % 7);
+            pod(
+                "shop",
+                &format!("web-{i}"),
+                &format!("u-{i}"),
+                node,
+                &ip,
+                Some(&role),
+            )
+        }));
+    });
+    eventually("ready", WITHIN, || world.iamlet.ready()).await;
+    assert_eq!(count(&world, "LIST pods"), 1);
+    assert_eq!(
+        count(&world, "LIST pods continued"),
+        2,
+        "1200 pods in pages of 500"
+    );
+    for i in [0, 998, 2398] {
+        let pod_ip = ip(&format!("127.2.{}.{}", i / 200, 1 + i % 200));
+        assert_eq!(
+            role_at(&world, pod_ip).await,
+            Some(format!("role-{}", i % 7)),
+            "pod {i}"
+        );
+    }
+    assert_eq!(
+        role_at(&world, ip("127.2.0.2")).await,
+        None,
+        "a pod of node-2"
+    );
+}
