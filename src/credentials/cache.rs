@@ -3,10 +3,15 @@
 //!
 //! - **Prefetch**: [`Cache::sync`] is told the keys that live pods need (the broker follows the
 //!   pod index); a new key is fetched in the background at once, so a pod's first request is
-//!   a hit. Keys no pod needs any more are evicted and stop refreshing.
-//! - **Refresh ahead**: each entry's task refreshes when `refresh_before` (with up to 10% of the
-//!   remaining margin as jitter, so keys fetched together spread out) is left, so a served
-//!   credential keeps more than `refresh_before` in normal operation.
+//!   a hit. A key no pod needs any more stops refreshing, but its credentials are kept while
+//!   they are still servable: a pod of that identity arriving meanwhile (churn, a rollout
+//!   replacing the last pod) is served them without a call; after that the key is evicted.
+//! - **Refresh ahead**: each entry's task refreshes [`REFRESH_LEAD`] (at most a tenth of the
+//!   margin) before only `refresh_before` is left, so a served credential keeps more than
+//!   `refresh_before` in normal operation. The lead is small and fixed: every second of it is
+//!   lost from each session's servable time, and a random one (the jitter this replaced, up to
+//!   3 minutes) cost a call per identity every few hours. Keys fetched together come due
+//!   together, but no more of them than the rate limiter let through together.
 //! - **Single flight**: a request and the refresh task of one key take the entry's lock, so
 //!   concurrent misses make one STS call.
 //! - **STS trouble**: on throttling, 5xx or timeouts the last good credentials are served until
@@ -17,10 +22,11 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use rand::Rng;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::limiter::{Priority, RateLimiter};
@@ -32,13 +38,17 @@ use crate::metrics::Metrics;
 const MAX_ENTRIES: u64 = 100_000;
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(120);
+/// How long before the refresh point a refresh starts: time for STS to answer (tens of
+/// milliseconds within a region). A request arriving while a slower answer is still out waits
+/// for the rest of it, and gets the new credentials.
+const REFRESH_LEAD: Duration = Duration::from_secs(1);
 
 struct State {
     credentials: Option<Arc<Credentials>>,
     /// A refusal, and the generation it was given in.
     refused: Option<(Error, u64)>,
     failures: u32,
-    /// When the refresh task should next call STS (jitter and backoff fixed when set).
+    /// When the refresh task should next call STS (backoff jitter fixed when set).
     due: SystemTime,
 }
 
@@ -56,6 +66,11 @@ impl Default for State {
 struct Entry {
     state: tokio::sync::Mutex<State>,
     stop: CancellationToken,
+    /// Whether a pod needs this identity now ([`Cache::sync`]); an unwanted entry is not
+    /// refreshed.
+    wanted: AtomicBool,
+    /// Wakes a refresh task waiting for the entry to be wanted again.
+    wanted_again: Notify,
 }
 
 struct Inner<S, C> {
@@ -171,24 +186,40 @@ impl<S: CredentialSource, C: Clock> Cache<S, C> {
             .count()
     }
 
-    /// Makes the cache hold exactly `wanted`: new keys are fetched in the background now,
-    /// keys no longer wanted are evicted, and refusals may be retried (pods or policy changed).
+    /// Makes the cache follow `wanted`: new keys are fetched in the background now, keys no
+    /// longer wanted stop refreshing and are evicted once their credentials are no longer
+    /// servable (at once if they hold none), and refusals may be retried (pods or policy
+    /// changed).
     pub fn sync(&self, wanted: &HashSet<AssumeRoleRequest>) {
         self.inner
             .generation
             .send_modify(|generation| *generation += 1);
-        let stale: Vec<AssumeRoleRequest> = self
+        let now = self.inner.clock.now();
+        let spent: Vec<AssumeRoleRequest> = self
             .inner
             .entries
             .iter()
+            .filter(|(key, _)| !wanted.contains(&**key))
+            .filter(|(_, entry)| {
+                entry.wanted.store(false, Ordering::Release);
+                // A fetch in flight holds the lock: decide at the next sync.
+                entry.state.try_lock().is_ok_and(|state| {
+                    state
+                        .credentials
+                        .as_ref()
+                        .is_none_or(|c| c.remaining(now) <= self.inner.refresh_before)
+                })
+            })
             .map(|(key, _)| (*key).clone())
-            .filter(|key| !wanted.contains(key))
             .collect();
-        for key in stale {
+        for key in spent {
             self.inner.entries.invalidate(&key);
         }
         for key in wanted {
-            self.entry(key);
+            let entry = self.entry(key);
+            if !entry.wanted.swap(true, Ordering::AcqRel) {
+                entry.wanted_again.notify_one();
+            }
         }
         self.inner.entries.run_pending_tasks();
         self.inner
@@ -202,6 +233,8 @@ impl<S: CredentialSource, C: Clock> Cache<S, C> {
             let entry = Arc::new(Entry {
                 state: tokio::sync::Mutex::new(State::default()),
                 stop: CancellationToken::new(),
+                wanted: AtomicBool::new(true),
+                wanted_again: Notify::new(),
             });
             tokio::spawn(supervised(
                 self.inner.clone(),
@@ -224,11 +257,9 @@ impl<S: CredentialSource, C: Clock> Inner<S, C> {
         match fetched {
             Ok(fresh) => {
                 let fresh = Arc::new(fresh);
-                // Refresh when `refresh_before` is left, less up to 10% of the margin, so that
-                // keys fetched together do not all come due together.
+                // Refresh just before only `refresh_before` is left.
                 let margin = fresh.remaining(now).saturating_sub(self.refresh_before);
-                let jitter = margin.mul_f64(rand::rng().random_range(0.0..0.1));
-                state.due = now + margin.saturating_sub(jitter);
+                state.due = now + margin - REFRESH_LEAD.min(margin / 10);
                 state.credentials = Some(fresh.clone());
                 state.refused = None;
                 state.failures = 0;
@@ -315,6 +346,15 @@ async fn refresh<S: CredentialSource, C: Clock>(
             continue;
         }
         if !delay.is_zero() {
+            continue;
+        }
+        if !entry.wanted.load(Ordering::Acquire) {
+            // No pod needs it: no call until one does (the entry is evicted meanwhile once
+            // its credentials are spent).
+            tokio::select! {
+                () = entry.stop.cancelled() => return,
+                () = entry.wanted_again.notified() => {}
+            }
             continue;
         }
         // Take a token before the lock: a request for this key must not queue behind us.
