@@ -307,7 +307,7 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Local<P, S, C> {
         }
     }
 
-    /// The identities that the pods which could be served now would ask for.
+    /// The identities that the live pods will ask for, those still waiting for an IP too.
     fn wanted(&self) -> HashSet<AssumeRoleRequest> {
         self.pods
             .snapshot()

@@ -226,6 +226,20 @@ impl PodIndex {
             .collect()
     }
 
+    /// Every live pod off the host network, with or without its IP yet, and whether or not
+    /// another pod claims the same IP: the pods that will ask for credentials (for prefetching).
+    /// A pod is listed here from the moment it is scheduled to this node, typically a second
+    /// or more before its sandbox has an IP, which is time enough to fetch its credentials
+    /// before its first request. Nothing is served from this list.
+    pub fn live(&self) -> Vec<Arc<Pod>> {
+        self.read()
+            .pods
+            .values()
+            .filter(|record| !record.host_network && !record.finished)
+            .map(|record| record.pod.clone())
+            .collect()
+    }
+
     /// Every pod in the index, and whether it may be served by IP (for `iamlet status`).
     pub fn known(&self) -> Vec<super::Known> {
         use super::Standing;
@@ -429,6 +443,27 @@ mod tests {
         index.apply_pod(Change::InitDone);
         assert_eq!(role_at(&index).as_deref(), Some("web"));
         assert_eq!(index.servable().len(), 1);
+    }
+
+    #[test]
+    fn pods_without_an_ip_yet_are_live_but_not_servable() {
+        let index = PodIndex::default();
+        let mut pending = record("u1", "web-0", "web");
+        pending.ip = None;
+        index.apply_pod(Change::Apply(pending));
+        let mut host = record("u2", "agent", "admin");
+        host.host_network = true;
+        index.apply_pod(Change::Apply(host));
+        let mut done = record("u3", "job-0", "batch");
+        done.finished = true;
+        index.apply_pod(Change::Apply(done));
+        assert!(index.servable().is_empty());
+        let live: Vec<String> = index.live().iter().map(|p| p.uid.clone()).collect();
+        assert_eq!(
+            live,
+            ["u1"],
+            "only the pending pod will ask for credentials"
+        );
     }
 
     #[test]

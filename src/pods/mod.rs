@@ -145,7 +145,8 @@ pub trait PodLookup: Send + Sync + 'static {
     fn namespace_policy(&self, namespace: &str) -> Option<Arc<NamespacePolicy>>;
     /// Whether the source has a complete picture yet (`/readyz`).
     fn ready(&self) -> bool;
-    /// Every pod that could be served now (for prefetching).
+    /// Every pod that will ask for credentials: live and off the host network, with or
+    /// without its IP yet (for prefetching; nothing is served from it).
     fn snapshot(&self) -> Vec<Arc<Pod>>;
     /// Every pod the source knows, servable or not (for `iamlet status`).
     fn known(&self) -> Vec<Known>;
@@ -181,7 +182,7 @@ impl PodLookup for KubernetesPods {
     }
 
     fn snapshot(&self) -> Vec<Arc<Pod>> {
-        self.index.servable()
+        self.index.live()
     }
 
     fn known(&self) -> Vec<Known> {
