@@ -23,8 +23,9 @@ use crate::pods::events::{DenialSender, Denied};
 use crate::pods::{PodLookup, Standing};
 use crate::policy::{self, Policy, Refusal, RoleArn};
 
-/// How long the prefetcher lets pod changes gather before it syncs the cache.
-const SYNC_DEBOUNCE: Duration = Duration::from_millis(100);
+/// The prefetcher syncs the cache at most once in this long: a change after a quiet spell is
+/// synced at once, changes that follow within it are taken together.
+const SYNC_INTERVAL: Duration = Duration::from_millis(100);
 
 /// A pod and the role it is entitled to.
 #[derive(Debug, Clone)]
@@ -321,10 +322,12 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Local<P, S, C> {
     }
 
     /// Keeps the cache prefetched for the pods there are, following every change, until
-    /// `cancel`. Bursts of changes (a rollout) are taken together.
+    /// `cancel`. A new pod is synced at once; bursts of changes (a rollout) are taken
+    /// together, at most one sync per `SYNC_INTERVAL`.
     pub async fn follow_pods(&self, cancel: CancellationToken) {
         let mut changes = self.pods.changes();
         loop {
+            let synced = tokio::time::Instant::now();
             if self.pods.ready() {
                 self.cache.sync(&self.wanted());
                 self.prefetched
@@ -343,7 +346,7 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Local<P, S, C> {
             }
             tokio::select! {
                 () = cancel.cancelled() => return,
-                () = tokio::time::sleep(SYNC_DEBOUNCE) => {}
+                () = tokio::time::sleep_until(synced + SYNC_INTERVAL) => {}
             }
             changes.borrow_and_update();
         }
