@@ -326,9 +326,10 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Local<P, S, C> {
     /// together, at most one sync per `SYNC_INTERVAL`.
     pub async fn follow_pods(&self, cancel: CancellationToken) {
         let mut changes = self.pods.changes();
+        let mut next_sync = tokio::time::Instant::now();
         loop {
-            let synced = tokio::time::Instant::now();
             if self.pods.ready() {
+                next_sync = tokio::time::Instant::now() + SYNC_INTERVAL;
                 self.cache.sync(&self.wanted());
                 self.prefetched
                     .store(true, std::sync::atomic::Ordering::Release);
@@ -346,7 +347,7 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Local<P, S, C> {
             }
             tokio::select! {
                 () = cancel.cancelled() => return,
-                () = tokio::time::sleep_until(synced + SYNC_INTERVAL) => {}
+                () = tokio::time::sleep_until(next_sync) => {}
             }
             changes.borrow_and_update();
         }
