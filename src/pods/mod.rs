@@ -8,6 +8,7 @@ pub mod index;
 mod static_table;
 pub mod taint;
 pub mod watch;
+mod wire;
 
 pub use index::PodIndex;
 pub use static_table::StaticPods;

@@ -1,13 +1,13 @@
 //! The watch loop: kube-rs watchers on pods (this node's, by field selector `spec.nodeName`, or
 //! the whole cluster's for `iamlet server`) and on namespaces (metadata only), turned into
-//! index changes. Only what iamlet needs of each object
-//! is kept; the rest is dropped on arrival.
+//! index changes. Only what iamlet needs of each object is read ([`WirePod`]); the rest is
+//! skipped as it is parsed.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Pod as KubePod};
+use k8s_openapi::api::core::v1::Namespace;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Scope;
 use super::index::{Change, PodIndex, PodRecord};
+use super::wire::WirePod;
 use crate::pod::{
     Annotations, EXTERNAL_ID_ANNOTATION, PERMITTED_ANNOTATION, Pod, ROLE_ANNOTATION,
     SESSION_NAME_ANNOTATION,
@@ -35,7 +36,7 @@ pub async fn run(
         Scope::Node(node) => config.clone().fields(&format!("spec.nodeName={node}")),
         Scope::Cluster => config.clone(),
     };
-    let pods = watcher(Api::<KubePod>::all(client.clone()), pods_config).default_backoff();
+    let pods = watcher(Api::<WirePod>::all(client.clone()), pods_config).default_backoff();
     // Metadata only: iamlet needs nothing of a namespace but its name and annotations.
     let namespaces =
         watcher(Api::<PartialObjectMeta<Namespace>>::all(client), config).default_backoff();
@@ -100,24 +101,18 @@ impl<K> Change<K> {
 }
 
 /// What the index keeps of a Kubernetes pod.
-pub fn pod_record(pod: KubePod) -> PodRecord {
+pub fn pod_record(pod: WirePod) -> PodRecord {
     let metadata = pod.metadata;
     let mut annotations = metadata.annotations.unwrap_or_default();
-    let spec = pod.spec.unwrap_or_default();
-    let status = pod.status.unwrap_or_default();
-    let phase = status.phase.as_deref().unwrap_or_default();
-    let ip = status
-        .pod_ip
-        .as_deref()
-        .or_else(|| status.pod_ips.as_ref()?.first().map(|ip| ip.ip.as_str()))
-        .and_then(|ip| ip.parse::<IpAddr>().ok());
+    let phase = pod.phase.as_deref().unwrap_or_default();
+    let ip = pod.ip.as_deref().and_then(|ip| ip.parse::<IpAddr>().ok());
     PodRecord {
         pod: Arc::new(Pod {
             namespace: metadata.namespace.unwrap_or_default(),
             name: metadata.name.unwrap_or_default(),
             uid: metadata.uid.unwrap_or_default(),
-            service_account: spec
-                .service_account_name
+            service_account: pod
+                .service_account
                 .filter(|sa| !sa.is_empty())
                 .unwrap_or_else(|| "default".to_owned()),
             annotations: Annotations {
@@ -129,7 +124,7 @@ pub fn pod_record(pod: KubePod) -> PodRecord {
             },
         }),
         ip,
-        host_network: spec.host_network.unwrap_or(false),
+        host_network: pod.host_network,
         finished: matches!(phase, "Succeeded" | "Failed"),
     }
 }
