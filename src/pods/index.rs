@@ -9,7 +9,9 @@
 //!
 //! Namespaces (for their `permitted` policy) are indexed the same way.
 
-use std::collections::HashMap;
+use std::borrow::Borrow;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
@@ -59,10 +61,36 @@ pub enum Lookup {
     Conflict(Vec<String>),
 }
 
+/// A record in the index, found by its pod's uid: the uid is not stored twice (for
+/// `iamlet server`, the index holds every pod in the cluster).
+struct ByUid(PodRecord);
+
+impl Borrow<str> for ByUid {
+    fn borrow(&self) -> &str {
+        &self.0.pod.uid
+    }
+}
+
+impl Hash for ByUid {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // As `str` hashes, which `Borrow<str>` requires.
+        self.0.pod.uid.as_str().hash(state);
+    }
+}
+
+impl PartialEq for ByUid {
+    fn eq(&self, other: &ByUid) -> bool {
+        self.0.pod.uid == other.0.pod.uid
+    }
+}
+
+impl Eq for ByUid {}
+
 #[derive(Default)]
 struct State {
-    pods: HashMap<String, PodRecord>,
-    claims: HashMap<IpAddr, Vec<String>>,
+    pods: HashSet<ByUid>,
+    /// The live pods claiming each IP (the same `Arc`s as their records): one, or a conflict.
+    claims: HashMap<IpAddr, Vec<Arc<Pod>>>,
     pod_relist: Option<Vec<PodRecord>>,
     pods_synced: bool,
     namespaces: HashMap<String, Arc<NamespacePolicy>>,
@@ -75,27 +103,23 @@ impl State {
         self.remove(&record.pod.uid);
         if let Some(ip) = record.claim() {
             let owners = self.claims.entry(ip).or_default();
-            owners.push(record.pod.uid.clone());
+            owners.push(record.pod.clone());
             if owners.len() > 1 {
-                let names: Vec<String> = owners
-                    .iter()
-                    .filter_map(|uid| self.pods.get(uid).map(|r| r.pod.key()))
-                    .chain([record.pod.key()])
-                    .collect();
+                let names: Vec<String> = owners.iter().map(|pod| pod.key()).collect();
                 tracing::warn!(%ip, pods = ?names, "IP claimed by more than one live pod; serving none of them until it clears");
             }
         }
-        self.pods.insert(record.pod.uid.clone(), record);
+        self.pods.insert(ByUid(record));
     }
 
     fn remove(&mut self, uid: &str) {
-        let Some(old) = self.pods.remove(uid) else {
+        let Some(ByUid(old)) = self.pods.take(uid) else {
             return;
         };
         if let Some(ip) = old.claim()
             && let Some(owners) = self.claims.get_mut(&ip)
         {
-            owners.retain(|owner| owner != uid);
+            owners.retain(|owner| owner.uid != uid);
             if owners.is_empty() {
                 self.claims.remove(&ip);
             }
@@ -183,15 +207,8 @@ impl PodIndex {
         let state = self.read();
         match state.claims.get(&ip.to_canonical()).map(Vec::as_slice) {
             None | Some([]) => Lookup::Unknown,
-            Some([uid]) => state
-                .pods
-                .get(uid)
-                .map_or(Lookup::Unknown, |record| Lookup::Found(record.pod.clone())),
-            Some(uids) => Lookup::Conflict(
-                uids.iter()
-                    .filter_map(|uid| state.pods.get(uid).map(|r| r.pod.key()))
-                    .collect(),
-            ),
+            Some([pod]) => Lookup::Found(pod.clone()),
+            Some(pods) => Lookup::Conflict(pods.iter().map(|pod| pod.key()).collect()),
         }
     }
 
@@ -220,7 +237,7 @@ impl PodIndex {
             .claims
             .values()
             .filter_map(|owners| match owners.as_slice() {
-                [uid] => state.pods.get(uid).map(|record| record.pod.clone()),
+                [pod] => Some(pod.clone()),
                 _ => None,
             })
             .collect()
@@ -234,7 +251,8 @@ impl PodIndex {
     pub fn live(&self) -> Vec<Arc<Pod>> {
         self.read()
             .pods
-            .values()
+            .iter()
+            .map(|ByUid(record)| record)
             .filter(|record| !record.host_network && !record.finished)
             .map(|record| record.pod.clone())
             .collect()
@@ -246,8 +264,8 @@ impl PodIndex {
         let state = self.read();
         state
             .pods
-            .values()
-            .map(|record| {
+            .iter()
+            .map(|ByUid(record)| {
                 let standing = if record.host_network {
                     Standing::HostNetwork
                 } else if record.finished {
@@ -259,8 +277,8 @@ impl PodIndex {
                         Some(owners) => Standing::Conflict(
                             owners
                                 .iter()
-                                .filter(|uid| **uid != record.pod.uid)
-                                .filter_map(|uid| state.pods.get(uid).map(|r| r.pod.key()))
+                                .filter(|owner| owner.uid != record.pod.uid)
+                                .map(|owner| owner.key())
                                 .collect(),
                         ),
                     }
