@@ -144,10 +144,7 @@ pub struct FirstServed {
 impl Default for FirstServed {
     fn default() -> Self {
         FirstServed {
-            seen: moka::sync::Cache::builder()
-                .max_capacity(100_000)
-                .support_invalidation_closures()
-                .build(),
+            seen: moka::sync::Cache::builder().max_capacity(100_000).build(),
         }
     }
 }
@@ -163,12 +160,14 @@ impl FirstServed {
         true
     }
 
-    /// Forgets the pods that `alive` says are gone.
-    pub fn retain(&self, alive: impl Fn(&str) -> bool + Send + Sync + 'static) {
-        // Only fails when closures are not supported, which the builder enables.
-        let _ = self
-            .seen
-            .invalidate_entries_if(move |(pod, _), ()| !alive(pod));
+    /// Forgets the pods that `alive` says are gone. Costs a look at each pod served, not a
+    /// copy of every pod known (`iamlet server` knows every pod in the cluster).
+    pub fn retain(&self, alive: impl Fn(&str) -> bool) {
+        for (key, ()) in &self.seen {
+            if !alive(&key.0) {
+                self.seen.invalidate(&*key);
+            }
+        }
     }
 }
 
@@ -333,13 +332,7 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Local<P, S, C> {
                 self.cache.sync(&self.wanted());
                 self.prefetched
                     .store(true, std::sync::atomic::Ordering::Release);
-                let alive: HashSet<String> = self
-                    .pods
-                    .known()
-                    .into_iter()
-                    .map(|known| known.pod.uid.clone())
-                    .collect();
-                self.served.retain(move |uid| alive.contains(uid));
+                self.served.retain(|uid| self.pods.knows(uid));
             }
             tokio::select! {
                 () = cancel.cancelled() => return,

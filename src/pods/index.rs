@@ -258,6 +258,11 @@ impl PodIndex {
             .collect()
     }
 
+    /// Whether a pod with `uid` is in the index, servable or not.
+    pub fn contains(&self, uid: &str) -> bool {
+        self.read().pods.contains(uid)
+    }
+
     /// Every pod in the index, and whether it may be served by IP (for `iamlet status`).
     pub fn known(&self) -> Vec<super::Known> {
         use super::Standing;

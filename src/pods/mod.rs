@@ -151,6 +151,8 @@ pub trait PodLookup: Send + Sync + 'static {
     fn snapshot(&self) -> Vec<Arc<Pod>>;
     /// Every pod the source knows, servable or not (for `iamlet status`).
     fn known(&self) -> Vec<Known>;
+    /// Whether the source knows a pod with `uid`, servable or not.
+    fn knows(&self, uid: &str) -> bool;
     /// The view's age, when it is too old to answer from (`pods.when_stale = "refuse"`).
     fn too_stale(&self) -> Option<Duration> {
         None
@@ -188,6 +190,10 @@ impl PodLookup for KubernetesPods {
 
     fn known(&self) -> Vec<Known> {
         self.index.known()
+    }
+
+    fn knows(&self, uid: &str) -> bool {
+        self.index.contains(uid)
     }
 
     fn too_stale(&self) -> Option<Duration> {
@@ -245,6 +251,13 @@ impl PodLookup for PodSource {
         match self {
             PodSource::Kubernetes(pods) => pods.known(),
             PodSource::Static(pods) => pods.known(),
+        }
+    }
+
+    fn knows(&self, uid: &str) -> bool {
+        match self {
+            PodSource::Kubernetes(pods) => pods.knows(uid),
+            PodSource::Static(pods) => pods.knows(uid),
         }
     }
 

@@ -77,6 +77,10 @@ impl PodLookup for StaticPods {
             .collect()
     }
 
+    fn knows(&self, uid: &str) -> bool {
+        self.by_ip.values().any(|pod| pod.uid == uid)
+    }
+
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
     }
