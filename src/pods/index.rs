@@ -86,19 +86,27 @@ impl PartialEq for ByUid {
 
 impl Eq for ByUid {}
 
+/// The pods, and the IPs they claim: the picture readers see, or one being relisted.
 #[derive(Default)]
-struct State {
-    pods: HashSet<ByUid>,
+struct Pods {
+    by_uid: HashSet<ByUid>,
     /// The live pods claiming each IP (the same `Arc`s as their records): one, or a conflict.
     claims: HashMap<IpAddr, Vec<Arc<Pod>>>,
-    pod_relist: Option<Vec<PodRecord>>,
+}
+
+#[derive(Default)]
+struct State {
+    pods: Pods,
+    /// A relist in progress, built as it arrives and swapped in whole at `InitDone` (not kept
+    /// as a list to be indexed then: for `iamlet server`, that list alone is megabytes).
+    pod_relist: Option<Pods>,
     pods_synced: bool,
     namespaces: HashMap<String, Arc<NamespacePolicy>>,
     namespace_relist: Option<HashMap<String, Arc<NamespacePolicy>>>,
     namespaces_synced: bool,
 }
 
-impl State {
+impl Pods {
     fn insert(&mut self, record: PodRecord) {
         self.remove(&record.pod.uid);
         if let Some(ip) = record.claim() {
@@ -109,11 +117,11 @@ impl State {
                 tracing::warn!(%ip, pods = ?names, "IP claimed by more than one live pod; serving none of them until it clears");
             }
         }
-        self.pods.insert(ByUid(record));
+        self.by_uid.insert(ByUid(record));
     }
 
     fn remove(&mut self, uid: &str) {
-        let Some(ByUid(old)) = self.pods.take(uid) else {
+        let Some(ByUid(old)) = self.by_uid.take(uid) else {
             return;
         };
         if let Some(ip) = old.claim()
@@ -159,17 +167,14 @@ impl PodIndex {
         {
             let mut state = self.write();
             match change {
-                Change::Apply(record) => state.insert(record),
-                Change::Delete(record) => state.remove(&record.pod.uid),
-                Change::Init => state.pod_relist = Some(Vec::new()),
-                Change::InitApply(record) => state.pod_relist.get_or_insert_default().push(record),
+                Change::Apply(record) => state.pods.insert(record),
+                Change::Delete(record) => state.pods.remove(&record.pod.uid),
+                Change::Init => state.pod_relist = Some(Pods::default()),
+                Change::InitApply(record) => {
+                    state.pod_relist.get_or_insert_default().insert(record);
+                }
                 Change::InitDone => {
-                    let relisted = state.pod_relist.take().unwrap_or_default();
-                    state.pods.clear();
-                    state.claims.clear();
-                    for record in relisted {
-                        state.insert(record);
-                    }
+                    state.pods = state.pod_relist.take().unwrap_or_default();
                     state.pods_synced = true;
                 }
             }
@@ -205,7 +210,7 @@ impl PodIndex {
 
     pub fn lookup(&self, ip: IpAddr) -> Lookup {
         let state = self.read();
-        match state.claims.get(&ip.to_canonical()).map(Vec::as_slice) {
+        match state.pods.claims.get(&ip.to_canonical()).map(Vec::as_slice) {
             None | Some([]) => Lookup::Unknown,
             Some([pod]) => Lookup::Found(pod.clone()),
             Some(pods) => Lookup::Conflict(pods.iter().map(|pod| pod.key()).collect()),
@@ -234,6 +239,7 @@ impl PodIndex {
     pub fn servable(&self) -> Vec<Arc<Pod>> {
         let state = self.read();
         state
+            .pods
             .claims
             .values()
             .filter_map(|owners| match owners.as_slice() {
@@ -251,6 +257,7 @@ impl PodIndex {
     pub fn live(&self) -> Vec<Arc<Pod>> {
         self.read()
             .pods
+            .by_uid
             .iter()
             .map(|ByUid(record)| record)
             .filter(|record| !record.host_network && !record.finished)
@@ -260,7 +267,7 @@ impl PodIndex {
 
     /// Whether a pod with `uid` is in the index, servable or not.
     pub fn contains(&self, uid: &str) -> bool {
-        self.read().pods.contains(uid)
+        self.read().pods.by_uid.contains(uid)
     }
 
     /// Every pod in the index, and whether it may be served by IP (for `iamlet status`).
@@ -269,6 +276,7 @@ impl PodIndex {
         let state = self.read();
         state
             .pods
+            .by_uid
             .iter()
             .map(|ByUid(record)| {
                 let standing = if record.host_network {
@@ -276,7 +284,7 @@ impl PodIndex {
                 } else if record.finished {
                     Standing::Finished
                 } else {
-                    match record.claim().and_then(|ip| state.claims.get(&ip)) {
+                    match record.claim().and_then(|ip| state.pods.claims.get(&ip)) {
                         None => Standing::NoIp,
                         Some(owners) if owners.len() == 1 => Standing::Servable,
                         Some(owners) => Standing::Conflict(
