@@ -34,6 +34,9 @@ const EXTRA: &str = "[credentials]\nsts_qps = 1000.0\nsts_burst = 1000\n";
 struct Sample {
     rss: u64,
     hwm: u64,
+    anon: u64,
+    file: u64,
+    threads: u64,
     bytes: u64,
     ready_ms: f64,
 }
@@ -49,12 +52,15 @@ fn measure(
     let ready =
         runtime.block_on(iamlet.wait_ready(Duration::from_millis(20), Duration::from_secs(180)));
     std::thread::sleep(SETTLE);
-    let (rss, hwm) = iamlet.memory();
+    let memory = iamlet.memory();
     let bytes = kube.bytes_sent() - before;
     iamlet.stop();
     Sample {
-        rss,
-        hwm,
+        rss: memory.rss,
+        hwm: memory.hwm,
+        anon: memory.anon,
+        file: memory.file,
+        threads: memory.threads,
         bytes,
         ready_ms: scale::ms(ready),
     }
@@ -79,37 +85,28 @@ fn main() {
 
     println!("machine: {}", scale::machine());
     println!(
-        "baseline: agent, no pods: VmRSS {:.1} MiB, VmHWM {:.1} MiB, {} B from the API",
-        baseline.rss as f64 / MIB,
-        baseline.hwm as f64 / MIB,
-        baseline.bytes
+        "{:30} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>12} {:>8}",
+        "MiB", "VmRSS", "VmHWM", "anon", "file", "threads", "vs base", "API bytes", "ready ms"
     );
-    println!(
-        "{:>8} | {:>9} {:>9} {:>8} {:>11} {:>8} | {:>9} {:>9} {:>12} {:>8}",
-        "others",
-        "agent RSS",
-        "agent HWM",
-        "vs base",
-        "agent bytes",
-        "ready ms",
-        "srv RSS",
-        "srv HWM",
-        "srv bytes",
-        "ready ms"
-    );
-    for ((size, a), s) in SIZES.iter().zip(&agent).zip(&server) {
+    let row = |name: String, s: &Sample| {
         println!(
-            "{size:>8} | {:>9.1} {:>9.1} {:>8.2} {:>11} {:>8.0} | {:>9.1} {:>9.1} {:>12} {:>8.0}",
-            a.rss as f64 / MIB,
-            a.hwm as f64 / MIB,
-            a.rss as f64 / baseline.rss as f64,
-            a.bytes,
-            a.ready_ms,
+            "{name:30} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>7} {:>8.2} {:>12} {:>8.0}",
             s.rss as f64 / MIB,
             s.hwm as f64 / MIB,
+            s.anon as f64 / MIB,
+            s.file as f64 / MIB,
+            s.threads,
+            s.rss as f64 / baseline.rss as f64,
             s.bytes,
             s.ready_ms,
         );
+    };
+    row("baseline: agent, no pods".into(), &baseline);
+    for (size, a) in SIZES.iter().zip(&agent) {
+        row(format!("agent, 250 + {size} elsewhere"), a);
+    }
+    for (size, s) in SIZES.iter().zip(&server) {
+        row(format!("server, {} pods", size + ON_NODE), s);
     }
     let spread = |values: Vec<f64>| {
         let (lo, hi) = values
@@ -173,11 +170,16 @@ fn main() {
     rss_against_cluster_size(
         &path,
         "iamlet RSS against cluster size",
-        (pods(0) * 0.8, pods(last) * 1.25),
+        (0.0, pods(last) * 1.1),
         &series,
         &[
             ("agent target", 24.0, RGBColor(120, 160, 220)),
             ("server target", 64.0, RGBColor(240, 170, 110)),
+            (
+                "baseline: agent with no pods",
+                baseline.rss as f64 / MIB,
+                RGBColor(150, 150, 150),
+            ),
         ],
     )
     .expect("plot");

@@ -83,6 +83,7 @@ impl Process {
             .env("AWS_SECRET_ACCESS_KEY", "node-own-secret")
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("KUBECONFIG", &kubeconfig)
+            .envs(child_env())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
@@ -133,8 +134,7 @@ impl Process {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// (VmRSS, VmHWM) in bytes.
-    pub fn memory(&self) -> (u64, u64) {
+    pub fn memory(&self) -> Memory {
         memory(self.pid())
     }
 
@@ -152,8 +152,31 @@ impl Drop for Process {
     }
 }
 
-/// (VmRSS, VmHWM) of process `pid`, in bytes, from /proc/PID/status.
-pub fn memory(pid: u32) -> (u64, u64) {
+/// Extra environment for iamlet, from `SCALE_CHILD_ENV` (`NAME=VALUE` pairs, space-separated),
+/// to try allocator settings such as `MALLOC_ARENA_MAX=1` without a rebuild.
+fn child_env() -> Vec<(String, String)> {
+    std::env::var("SCALE_CHILD_ENV")
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// A process's memory, in bytes (threads counted), from /proc/PID/status.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Memory {
+    /// Resident set now (VmRSS): anonymous (heap, stacks) plus file-backed (the binary's
+    /// pages that were touched).
+    pub rss: u64,
+    /// Peak resident set (VmHWM).
+    pub hwm: u64,
+    pub anon: u64,
+    pub file: u64,
+    pub threads: u64,
+}
+
+pub fn memory(pid: u32) -> Memory {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
     let field = |name: &str| -> u64 {
         status
@@ -166,9 +189,15 @@ pub fn memory(pid: u32) -> (u64, u64) {
                     .parse::<u64>()
                     .ok()
             })
-            .map_or(0, |kb| kb * 1024)
+            .unwrap_or(0)
     };
-    (field("VmRSS:"), field("VmHWM:"))
+    Memory {
+        rss: field("VmRSS:") * 1024,
+        hwm: field("VmHWM:") * 1024,
+        anon: field("RssAnon:") * 1024,
+        file: field("RssFile:") * 1024,
+        threads: field("Threads:"),
+    }
 }
 
 pub const MIB: f64 = 1024.0 * 1024.0;

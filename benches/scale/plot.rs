@@ -12,7 +12,8 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
-/// Draws `series` over cluster sizes `x` (log scale), with horizontal `targets` (name, MiB).
+/// Draws `series` over cluster sizes `x`, with horizontal `targets` (name, MiB). The x axis is
+/// linear, so the slope is the marginal cost of a pod.
 pub fn rss_against_cluster_size(
     path: &Path,
     title: &str,
@@ -33,12 +34,14 @@ pub fn rss_against_cluster_size(
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(55)
-        .build_cartesian_2d((x.0..x.1).log_scale(), 0.0..top)?;
+        .build_cartesian_2d(x.0..x.1, 0.0..top)?;
     chart
         .configure_mesh()
+        .light_line_style(WHITE)
+        .x_labels(7)
         .x_desc("pods in the cluster")
         .y_desc("MiB")
-        .x_label_formatter(&|v| format!("{}k", (*v / 1000.0).round()))
+        .x_label_formatter(&|v| format!("{:.0}k", *v / 1000.0))
         .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()?;
     for (name, mib, color) in targets {
@@ -50,7 +53,7 @@ pub fn rss_against_cluster_size(
                 4,
                 color.stroke_width(1),
             ))?
-            .label(format!("{name}: {mib:.0} MiB"))
+            .label(format!("{name}: {mib:.1} MiB"))
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color));
     }
     for line in series {
