@@ -344,7 +344,8 @@ impl FakeKube {
                     .to_owned();
                 s.pods.insert(uid, Stored::new(&pod));
             }
-            s.compacted_before = s.rv + 1;
+            // A watch from now on is whole; one from before would miss the pods.
+            s.compacted_before = s.rv;
         });
     }
 
