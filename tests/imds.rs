@@ -297,10 +297,12 @@ async fn credential_document_is_what_sdks_parse() {
 async fn another_pods_role_is_not_found() {
     let world = start(|_| {});
     // Let the prefetch of the batch pod's role land first.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while world.sts.assume_role_calls("batch") == 0 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::eventually(
+        "the batch role prefetched",
+        Duration::from_secs(10),
+        || async { world.sts.assume_role_calls("batch") > 0 },
+    )
+    .await;
     let before = world.sts.assume_role_calls("batch");
     assert_eq!(before, 1, "prefetched once");
     let reply = get(web0(), world.iamlet.imds, &format!("{CREDS}batch"), None).await;
@@ -552,9 +554,10 @@ async fn shutdown_drains_requests_in_flight() {
         get(ip("127.0.0.7"), imds, &format!("{CREDS}slow-role"), None).await
     });
     // Let the request reach STS (held there for sts_front::SLOW), then ask iamlet to stop.
-    while world.sts.assume_role_calls("slow-role") == 0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::eventually("the request at STS", Duration::from_secs(10), || async {
+        world.sts.assume_role_calls("slow-role") > 0
+    })
+    .await;
     let status = tokio::task::spawn_blocking(move || {
         let status = world.iamlet.stop();
         (status, world.iamlet.log())
