@@ -30,6 +30,7 @@ pub mod app;
 pub mod broker;
 pub mod clock;
 pub mod config;
+pub mod container_credentials;
 pub mod credentials;
 pub mod http_server;
 pub mod imds;
