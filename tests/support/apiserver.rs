@@ -311,6 +311,12 @@ impl ApiServer {
         );
     }
 
+    /// The cluster's service-account signing key (PKCS#8 PEM), as
+    /// `--service-account-signing-key-file`.
+    pub fn signing_key(&self) -> PathBuf {
+        self.dir.join("sa.key")
+    }
+
     /// Writes a kubeconfig for `token` and returns its path.
     pub fn kubeconfig(&self, token: &str) -> PathBuf {
         use base64::Engine;
