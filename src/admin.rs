@@ -1,5 +1,8 @@
 //! The admin port: `/healthz`, `/readyz` and `/metrics`. It listens apart from the pod-facing
-//! port, so pods never reach it through the interception rule.
+//! port, so pods never reach it through the interception rule. What it tells (liveness, the
+//! readiness reason, counters labelled by route, status and error kind) names no pod, role or
+//! credential, so it may listen on the node's IP for Prometheus; keep anything more private off
+//! this port.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -74,10 +77,11 @@ fn answer(
             ),
         },
         "/metrics" => {
+            metrics.set_ready(readiness().is_ok());
             let mut response = text(StatusCode::OK, metrics.encode());
             response.headers_mut().insert(
                 CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
             );
             response
         }
@@ -124,12 +128,14 @@ pub async fn probe(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String
             String::from_utf8_lossy(&body.to_bytes()).into_owned(),
         ))
     };
-    tokio::time::timeout(Duration::from_secs(3), exchange)
+    let answer = tokio::time::timeout(Duration::from_secs(3), exchange)
         .await
-        .map_err(|_| {
-            Error::new(
-                ErrorKind::TimedOut,
-                format!("no answer from {addr} within 3s"),
-            )
-        })?
+        .unwrap_or_else(|_| Err(Error::new(ErrorKind::TimedOut, "no answer within 3s")));
+    // Name the address: a wrong port or a config that is not the running iamlet's shows at once.
+    answer.map_err(|err| {
+        Error::new(
+            err.kind(),
+            format!("cannot reach the admin port at {addr} (admin.listen): {err}"),
+        )
+    })
 }

@@ -118,8 +118,20 @@ impl App {
         // Only now, with the pod-facing listener bound and everything behind it ready, may pod
         // traffic be sent here.
         let interception = if config.iptables.enabled {
-            let rule =
-                Interception::new(&config.iptables.host_interface, local_addr(&imds_listener));
+            let choice = config.iptables.backend;
+            let selection = blocking(move || Ok(iptables::select(choice)))
+                .await
+                .map_err(BuildError::Iptables)?;
+            tracing::info!(
+                backend = selection.backend.name(),
+                reason = selection.reason.as_str(),
+                "iptables backend chosen"
+            );
+            let rule = Interception::new(
+                selection.backend,
+                &config.iptables.host_interface,
+                local_addr(&imds_listener),
+            );
             let ensured = rule.clone();
             blocking(move || ensured.ensure())
                 .await
@@ -127,6 +139,7 @@ impl App {
             tracing::info!(
                 host_interface = config.iptables.host_interface.as_str(),
                 target = %local_addr(&imds_listener),
+                backend = selection.backend.name(),
                 "interception rule installed"
             );
             Some((rule, config.iptables.clone()))
@@ -231,10 +244,12 @@ impl App {
             )
             .await;
         match self.interception {
-            Some((_, config)) if config.remove_on_exit => match blocking(iptables::remove).await {
-                Ok(_) => tracing::info!("interception rule removed (iptables.remove_on_exit)"),
-                Err(err) => tracing::error!("{err}"),
-            },
+            Some((rule, config)) if config.remove_on_exit => {
+                match blocking(move || iptables::remove(rule.backend())).await {
+                    Ok(_) => tracing::info!("interception rule removed (iptables.remove_on_exit)"),
+                    Err(err) => tracing::error!("{err}"),
+                }
+            }
             Some(_) => tracing::info!(
                 "interception rule kept: pods get connection refused until iamlet is back"
             ),

@@ -179,6 +179,8 @@ pub struct Local<P, S, C> {
     metrics: Metrics,
     denials: Option<DenialSender>,
     served: FirstServed,
+    /// Whether the cache has been given the pods' identities once (the first prefetch).
+    prefetched: std::sync::atomic::AtomicBool,
     /// Denials logged lately, by (pod uid, role): an SDK retrying a denied role is logged once
     /// per `events::INTERVAL`, and counted every time.
     denials_logged: moka::sync::Cache<(String, String), ()>,
@@ -211,6 +213,7 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Local<P, S, C> {
             metrics,
             denials,
             served: FirstServed::default(),
+            prefetched: std::sync::atomic::AtomicBool::new(false),
             denials_logged: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(crate::pods::events::INTERVAL)
@@ -354,6 +357,8 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Local<P, S, C> {
         loop {
             if self.pods.ready() {
                 self.cache.sync(&self.wanted());
+                self.prefetched
+                    .store(true, std::sync::atomic::Ordering::Release);
                 let alive: HashSet<String> = self
                     .pods
                     .known()
@@ -445,8 +450,20 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Broker for Local<P, S, C> {
         Ok((role, credentials))
     }
 
+    /// Ready once the pods are listed (and the view is not too stale) and every identity they
+    /// need has been asked of STS once: a (re)started iamlet answers its first requests from
+    /// the cache.
     fn readiness(&self) -> Result<String, String> {
-        self.pods.readiness()
+        let view = self.pods.readiness()?;
+        if !self.prefetched.load(std::sync::atomic::Ordering::Acquire) {
+            return Err("the credential cache has not been filled yet".to_owned());
+        }
+        match self.cache.unfetched() {
+            0 => Ok(view),
+            n => Err(format!(
+                "prefetching credentials: {n} identities not fetched from STS yet"
+            )),
+        }
     }
 
     fn status(&self) -> Vec<PodStatus> {

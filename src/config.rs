@@ -139,7 +139,7 @@ impl Config {
         if self.admin.listen == self.imds.listen && self.imds.listen.port() != 0 {
             return Err(ConfigError::new(
                 "admin.listen",
-                "must differ from imds.listen: pods must never reach the admin endpoints",
+                "must differ from imds.listen, where the interception rule sends pods",
             ));
         }
         if !self.aws.base_role_arn.is_empty() {
@@ -314,7 +314,9 @@ impl Config {
                 format!(
                     "{target} cannot be the DNAT target of the interception rule; with \
                      iptables.enabled, listen on an address pods are routed to, such as the \
-                     node's IP (HOST_IP)"
+                     node's IP. The shipped DaemonSet sets IAMLET_IMDS__LISTEN=$(HOST_IP):8181; \
+                     to check its iamlet.toml, set it too (IAMLET_IMDS__LISTEN=10.0.0.1:8181 \
+                     iamlet config check FILE)"
                 ),
             ));
         }
@@ -328,6 +330,17 @@ impl Config {
             policy::RoleArn::resolve(&self.policy.default_role, &check_base)
                 .map_err(|err| ConfigError::new("policy.default_role", err))?;
         }
+        if !self.pods.startup_taint.is_empty() {
+            check_taint_key(&self.pods.startup_taint)
+                .map_err(|err| ConfigError::new("pods.startup_taint", err))?;
+            if self.pods.source != pods::Source::Kubernetes || self.kiam.enabled() {
+                return Err(ConfigError::new(
+                    "pods.startup_taint",
+                    "needs pods.source = \"kubernetes\" in standalone mode (the agent removes the taint through the API, which server-backed agents cannot reach)",
+                ));
+            }
+        }
+        positive("pods.max_staleness", self.pods.max_staleness)?;
         if self.pods.source == pods::Source::Kubernetes {
             if self.pods.wait_for_pod >= self.imds.request_timeout {
                 return Err(ConfigError::new(
@@ -391,6 +404,43 @@ impl Config {
         }
         policy::check_session_template(&credentials.session_name)
             .map_err(|err| ConfigError::new("credentials.session_name", err))
+    }
+}
+
+/// A taint key, as Kubernetes checks it: an optional DNS-subdomain prefix and `/`, then a name
+/// of up to 63 characters of `[A-Za-z0-9_.-]`, starting and ending alphanumeric.
+fn check_taint_key(key: &str) -> Result<(), String> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    let alnum_ends = |s: &str| {
+        s.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+    };
+    let name_ok = !name.is_empty()
+        && name.len() <= 63
+        && alnum_ends(name)
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    let prefix_ok = prefix.is_none_or(|prefix| {
+        !prefix.is_empty()
+            && prefix.len() <= 253
+            && prefix.split('.').all(|label| {
+                !label.is_empty()
+                    && alnum_ends(label)
+                    && label
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            })
+    });
+    if name_ok && prefix_ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{key:?} is not a taint key (an optional DNS prefix and '/', then up to 63 of [A-Za-z0-9_.-])"
+        ))
     }
 }
 
@@ -465,7 +515,22 @@ fn from_figment(err: figment::Error) -> ConfigError {
     } else {
         err.path.join(".")
     };
-    ConfigError::new(key, format!("{}{source}", err.kind))
+    ConfigError::new(key, format!("{}{source}", describe(&err.kind)))
+}
+
+/// Figment's text for an error, except that unknown names list the known ones once quoted
+/// (figment's own text quotes the list twice: ``expected ``a` or `b`` ``).
+fn describe(kind: &figment::error::Kind) -> String {
+    use figment::error::{Kind, OneOf};
+    match kind {
+        Kind::UnknownVariant(found, expected) => {
+            format!("unknown value `{found}`, expected {}", OneOf(expected))
+        }
+        Kind::UnknownField(found, expected) => {
+            format!("unknown key `{found}`, expected {}", OneOf(expected))
+        }
+        other => other.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -608,6 +673,12 @@ mod tests {
                 "[container_credentials]\nenabled = true\n[imds]\nlisten = \"10.0.0.1:8181\"\n[iptables]\nenabled = true",
                 "container_credentials.listen",
             ),
+            ("[pods]\nstartup_taint = \"not ok/\"", "pods.startup_taint"),
+            (
+                "[pods]\nsource = \"static\"\nstartup_taint = \"iamlet.io/not-ready\"",
+                "pods.startup_taint",
+            ),
+            ("[pods]\nmax_staleness = \"0s\"", "pods.max_staleness"),
         ];
         for (toml, key) in cases {
             assert_eq!(&key_of(load(toml, &[], Vec::new())), key, "{toml}");
@@ -623,6 +694,23 @@ mod tests {
         let config = load(toml, &[], Vec::new()).expect("valid");
         assert!(config.container_credentials.enabled);
         assert_eq!(config.container_credentials.audience, "iamlet");
+    }
+
+    #[test]
+    fn unknown_names_list_the_known_ones_quoted_once() {
+        let err = load("[imds]\ntokens = \"always\"", &[], Vec::new()).expect_err("bad");
+        assert!(
+            err.message
+                .starts_with("unknown value `always`, expected `optional` or `required` (from"),
+            "{err}"
+        );
+        let err = load("[imds]\nlistne = \"127.0.0.1:1\"", &[], Vec::new()).expect_err("bad");
+        assert!(
+            err.message
+                .starts_with("unknown key `listne`, expected one of `listen`, "),
+            "{err}"
+        );
+        assert!(!err.message.contains("``"), "{err}");
     }
 
     #[test]

@@ -63,7 +63,7 @@ enum ConfigAction {
 enum IptablesAction {
     /// Remove the interception rule and iamlet's chain (for an uninstall); exit 0 when gone.
     Uninstall {
-        /// Accepted for symmetry with `agent`; the chain is found by name.
+        /// The agent's config: its iptables.backend picks the backend as the agent does.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -221,11 +221,28 @@ fn daemon(file: Option<&std::path::Path>, overrides: Overrides, daemon: Daemon) 
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!("{err:#}");
-            eprintln!("iamlet: {err:#}");
+            let report = report(&err);
+            tracing::error!("{report}");
+            eprintln!("iamlet: {report}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once: iamlet's errors put their cause in their own text
+/// (so they read well alone) and also return it as `source()`; `{:#}` would repeat it.
+fn report(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain().map(ToString::to_string) {
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
 }
 
 /// Completes on SIGTERM or SIGINT.
@@ -246,11 +263,21 @@ async fn shutdown_signal() {
 }
 
 fn uninstall(config: Option<PathBuf>) -> ExitCode {
-    if let Err(err) = Config::load(config.as_deref(), Vec::new()) {
-        eprintln!("iamlet iptables uninstall: configuration error: {err}");
-        return ExitCode::from(EXIT_CONFIG);
-    }
-    match iamlet::iptables::remove() {
+    let config = match Config::load(config.as_deref(), Vec::new()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("iamlet iptables uninstall: configuration error: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    // The same choice the agent makes, so the rule is looked for where the agent put it.
+    let selection = iamlet::iptables::select(config.iptables.backend);
+    println!(
+        "iptables backend: {} ({})",
+        selection.backend.name(),
+        selection.reason
+    );
+    match iamlet::iptables::remove(selection.backend) {
         Ok(true) => {
             println!("removed the {} chain and its jump", iamlet::iptables::CHAIN);
             ExitCode::SUCCESS

@@ -1,4 +1,7 @@
-//! Prometheus metrics, served as text on the admin port.
+//! Prometheus metrics, served on the admin port in the OpenMetrics text format (the only one
+//! prometheus-client writes: `# TYPE x counter` over `x_total` samples, ending in `# EOF`), with
+//! OpenMetrics' content type, [`CONTENT_TYPE`]. Prometheus asks for OpenMetrics first and parses
+//! it by that content type.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +14,12 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::credentials;
+
+/// Every `kind` of `iamlet_sts_assume_role_errors_total` (`credentials::Trouble` labels and
+/// refusals).
+const STS_ERROR_KINDS: [&str; 4] = ["refused", "throttled", "server_error", "network"];
+/// The content type of [`Metrics::encode`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -52,6 +61,7 @@ struct Inner {
     container_requests: Family<RequestLabels, Counter>,
     container_request_duration: HistogramFamily<RouteLabels>,
     container_refusals: Family<ReasonLabels, Counter>,
+    ready: prometheus_client::metrics::gauge::Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -221,10 +231,25 @@ impl Default for Metrics {
             "Token front requests refused (401 and 403), by reason",
             container_refusals.clone(),
         );
+        // Series that alerts watch with increase() exist from the start at 0: a series born at
+        // its first error would show no increase for it.
+        for kind in STS_ERROR_KINDS {
+            drop(sts_errors.get_or_create(&StsErrorLabels { kind }));
+        }
+        for reason in crate::policy::Denial::REASONS {
+            drop(denials.get_or_create(&ReasonLabels { reason }));
+        }
+        let ready = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register(
+            "ready",
+            "1 when iamlet can answer pods (what /readyz says), else 0",
+            ready.clone(),
+        );
         Metrics(Arc::new(Inner {
             container_requests,
             container_request_duration,
             container_refusals,
+            ready,
             api_contact,
             server_calls,
             server_duration,
@@ -356,11 +381,42 @@ impl Metrics {
         self.0.denials.get_or_create(&ReasonLabels { reason }).inc();
     }
 
-    /// The registry in Prometheus text exposition format.
+    /// Records what `/readyz` says, for alerting on it.
+    pub fn set_ready(&self, ready: bool) {
+        self.0.ready.set(i64::from(ready));
+    }
+
+    /// The registry in the OpenMetrics text format ([`CONTENT_TYPE`]).
     pub fn encode(&self) -> String {
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.0.registry);
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alerted_series_exist_before_their_first_event() {
+        let text = Metrics::default().encode();
+        for kind in STS_ERROR_KINDS {
+            let series = format!("iamlet_sts_assume_role_errors_total{{kind=\"{kind}\"}} 0");
+            assert!(text.contains(&series), "{series} missing:\n{text}");
+        }
+        assert!(text.contains("iamlet_policy_denials_total{reason=\"not_permitted\"} 0"));
+        assert!(text.contains("iamlet_credential_stale_served_total 0"));
+        assert!(text.ends_with("# EOF\n"), "not OpenMetrics:\n{text}");
+    }
+
+    #[test]
+    fn readiness_is_a_gauge() {
+        let metrics = Metrics::default();
+        metrics.set_ready(true);
+        assert!(metrics.encode().contains("iamlet_ready 1\n"));
+        metrics.set_ready(false);
+        assert!(metrics.encode().contains("iamlet_ready 0\n"));
     }
 }

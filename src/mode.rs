@@ -71,6 +71,8 @@ pub enum Mode {
 pub struct KubernetesTasks {
     client: kube::Client,
     scope: Scope,
+    /// The taint to remove from this node once iamlet serves (`pods.startup_taint`).
+    startup_taint: Option<String>,
     index: Arc<PodIndex>,
     staleness: Arc<Staleness>,
     denials: mpsc::Receiver<Denied>,
@@ -182,11 +184,12 @@ impl Background {
         match self {
             Background::Standalone(broker, kubernetes) => {
                 let cancel = supervisor.cancel();
+                let prefetcher = broker.clone();
                 supervisor.spawn_infallible("prefetcher", async move {
-                    broker.follow_pods(cancel).await;
+                    prefetcher.follow_pods(cancel).await;
                 });
                 if let Some(kubernetes) = kubernetes {
-                    kubernetes.spawn(supervisor, events_instance);
+                    kubernetes.spawn(supervisor, events_instance, &broker);
                 }
             }
             Background::ServerBacked(client, discovery) => {
@@ -201,7 +204,20 @@ impl Background {
 }
 
 impl KubernetesTasks {
-    fn spawn(self, supervisor: &Supervisor, events_instance: String) {
+    fn spawn(self, supervisor: &Supervisor, events_instance: String, broker: &Arc<LocalBroker>) {
+        if let (Some(key), Scope::Node(node)) = (&self.startup_taint, &self.scope) {
+            let broker = broker.clone();
+            supervisor.spawn_infallible(
+                "start-up taint",
+                pods::taint::remove_when_ready(
+                    self.client.clone(),
+                    node.clone(),
+                    key.clone(),
+                    move || broker.ready(),
+                    supervisor.cancel(),
+                ),
+            );
+        }
         let staleness = self.staleness.clone();
         supervisor.spawn_infallible(
             "pod watch",
@@ -316,8 +332,13 @@ async fn pod_source(
                 staleness: staleness.clone(),
             });
             let (sender, denials) = mpsc::channel(256);
+            let startup_taint = match &scope {
+                Scope::Node(_) => Some(config.pods.startup_taint.clone()).filter(|k| !k.is_empty()),
+                Scope::Cluster => None,
+            };
             let tasks = KubernetesTasks {
                 client,
+                startup_taint,
                 scope,
                 index,
                 staleness,

@@ -42,8 +42,20 @@ const QUIET_DEPENDENCIES: &[&str] = &[
     "h2",
 ];
 
+/// Levels a bare word may name. tracing would read any other bare word as a target, so
+/// `verbose` would turn on one target nobody has and silence everything else.
+const LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
+
 /// The filter for a configured level: the level for iamlet, `warn` for chatty dependencies.
 pub fn filter(level: &str) -> Result<EnvFilter, String> {
+    for directive in level.split(',').map(str::trim) {
+        if !directive.contains('=') && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "{directive:?} is not a level: use error, warn, info, debug, trace or off, or \
+                 target=level directives such as \"info,iamlet::imds=debug\""
+            ));
+        }
+    }
     let mut directives = level.to_owned();
     if !level.contains('=') {
         for dependency in QUIET_DEPENDENCIES {
@@ -56,9 +68,11 @@ pub fn filter(level: &str) -> Result<EnvFilter, String> {
 /// Installs the global subscriber. Call once, from `main`.
 pub fn init(config: &Config) -> Result<(), String> {
     let filter = filter(&config.level)?;
+    // Colours only for a terminal: escape codes would litter log files and pipes.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     let installed = match config.format {
         Format::Text => builder.try_init(),
@@ -78,4 +92,25 @@ pub fn chain(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_words_must_be_levels() {
+        for ok in [
+            "info",
+            "DEBUG",
+            "warn,iamlet::imds=debug",
+            "off",
+            "iamlet=trace",
+        ] {
+            assert!(filter(ok).is_ok(), "{ok}");
+        }
+        for bad in ["verbose", "info,verbose", "", "iamlet=verbose"] {
+            assert!(filter(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -94,6 +94,55 @@ fn agent_that_cannot_bind_says_which_address_and_key() {
         stderr.contains(&format!("127.0.0.1:{port}")) && stderr.contains("imds.listen"),
         "{stderr}"
     );
+    // The cause is said once, not once per layer of the error chain.
+    let said = stderr
+        .lines()
+        .filter(|line| line.starts_with("iamlet: "))
+        .map(|line| line.matches("Address already in use").count())
+        .sum::<usize>();
+    assert_eq!(said, 1, "{stderr}");
+}
+
+#[test]
+fn config_check_refuses_a_log_level_that_is_not_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("verbose.toml");
+    // tracing would take "verbose" for a target name and silence every log line.
+    std::fs::write(&path, "[log]\nlevel = \"verbose\"\n").expect("write");
+    let out = iamlet(&["config", "check", path.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("log.level") && stderr.contains("\"verbose\" is not a level"),
+        "{stderr}"
+    );
+    let out = iamlet(&["agent", "--config", "/dev/null", "--log-level", "verbose"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}
+
+#[test]
+fn config_check_quotes_the_allowed_values_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tokens.toml");
+    std::fs::write(&path, "[imds]\ntokens = \"always\"\n").expect("write");
+    let out = iamlet(&["config", "check", path.to_str().expect("path")]);
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("imds.tokens: unknown value `always`, expected `optional` or `required`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn config_check_of_a_shipped_overlay_says_which_variable_the_daemonset_sets() {
+    let path = support::repo().join("deploy/overlays/standalone/iamlet.toml");
+    let out = iamlet(&["config", "check", path.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("imds.listen") && stderr.contains("IAMLET_IMDS__LISTEN="),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -111,10 +160,16 @@ fn health_tells_by_its_exit_code() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = iamlet(&["health", "--config", config, "--ready"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    let admin = iamlet_process.admin;
     drop(iamlet_process);
     let out = iamlet(&["health", "--config", config]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(!text(&out.stderr).is_empty());
+    // Nothing listens there any more: the message names the address it tried, and its key.
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&admin.to_string()) && stderr.contains("admin.listen"),
+        "{stderr}"
+    );
 }
 
 #[test]

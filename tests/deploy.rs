@@ -1,6 +1,8 @@
 //! deploy/: every overlay renders with kustomize, validates strictly against the Kubernetes
 //! schemas (offline), has what a node daemon needs, and carries an iamlet.toml that iamlet
-//! accepts with the environment the DaemonSet gives it.
+//! accepts with the environment the DaemonSet gives it. An overlay of one's own sets the image
+//! and the CNI's interfaces in one place each; the monitoring kustomization scrapes the port
+//! the DaemonSet declares.
 
 mod support;
 
@@ -10,7 +12,13 @@ const OVERLAYS: [&str; 2] = ["standalone", "server-backed"];
 
 /// The rendered overlay, or `None` (with the reason printed) where kubectl is missing outside CI.
 fn render(overlay: &str) -> Option<String> {
-    let dir = support::repo().join("deploy/overlays").join(overlay);
+    render_dir(&format!("deploy/overlays/{overlay}"))
+}
+
+/// `kubectl kustomize` of a directory of the repository.
+fn render_dir(dir: &str) -> Option<String> {
+    let overlay = dir;
+    let dir = support::repo().join(dir);
     let out = match Command::new("kubectl").arg("kustomize").arg(&dir).output() {
         Ok(out) => out,
         Err(err) => {
@@ -29,6 +37,24 @@ fn render(overlay: &str) -> Option<String> {
         "kustomize {overlay} warns: {stderr}"
     );
     Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs kubernetes-validate --strict on rendered manifests.
+fn validate_strictly(overlay: &str, rendered: &str) {
+    let validator = support::peer_program("kubernetes-validate");
+    let file = tempfile::NamedTempFile::new().expect("tempfile");
+    std::fs::write(file.path(), rendered).expect("write");
+    let out = Command::new(&validator)
+        .args(["--strict", "--quiet"])
+        .arg(file.path())
+        .output()
+        .expect("run kubernetes-validate");
+    assert!(
+        out.status.success(),
+        "{overlay} does not validate:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -68,6 +94,9 @@ fn the_daemonset_has_what_a_node_daemon_needs() {
             "fieldPath: spec.nodeName",
             "fieldPath: status.hostIP",
             "value: $(HOST_IP):8181",
+            "value: $(HOST_IP):8182",
+            "name: admin",
+            "name: IAMLET_IPTABLES__HOST_INTERFACE",
             "path: /run/xtables.lock",
             "path: /var/lib/iamlet",
             "- operator: Exists",
@@ -311,6 +340,8 @@ fn check(overlay: &str) -> std::process::Output {
         .env("NODE_NAME", "node-1")
         .env("HOST_IP", "10.0.0.1")
         .env("IAMLET_IMDS__LISTEN", "10.0.0.1:8181")
+        .env("IAMLET_ADMIN__LISTEN", "10.0.0.1:8182")
+        .env("IAMLET_IPTABLES__HOST_INTERFACE", "cali+")
         .output()
         .expect("run iamlet")
 }
@@ -322,4 +353,111 @@ fn overlay_configs_pass_config_check() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{overlay}: {stderr}");
     }
+}
+
+#[test]
+fn the_startup_taint_component_renders_and_validates() {
+    let Some(plain) = render("standalone") else {
+        return;
+    };
+    // An overlay of the user's, beside the repository's (kustomize wants relative paths): the
+    // standalone overlay plus the component.
+    let target = support::repo().join("target");
+    std::fs::create_dir_all(&target).expect("target");
+    let dir = tempfile::tempdir_in(&target).expect("tempdir");
+    let deploy = support::repo().join("deploy");
+    std::fs::write(
+        dir.path().join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  \
+         - ../../deploy/overlays/standalone\ncomponents:\n  - ../../deploy/components/startup-taint\n",
+    )
+    .expect("kustomization");
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir.path())
+        .output()
+        .expect("kubectl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!plain.contains("IAMLET_PODS__STARTUP_TAINT"));
+    assert!(rendered.contains("name: IAMLET_PODS__STARTUP_TAINT"));
+    assert!(rendered.contains("value: iamlet.io/agent-not-ready"));
+    assert!(rendered.contains("- nodes"));
+    let file = dir.path().join("rendered.yaml");
+    std::fs::write(&file, &rendered).expect("write");
+    let out = Command::new(support::peer_program("kubernetes-validate"))
+        .args(["--strict", "--quiet"])
+        .arg(&file)
+        .arg(deploy.join("components/startup-taint/policy.yaml"))
+        .output()
+        .expect("kubernetes-validate");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn an_overlay_of_your_own_sets_image_and_host_interface_in_one_place() {
+    // Nothing but the DaemonSet's environment sets the interfaces: not the overlays' files.
+    for overlay in OVERLAYS {
+        let file = support::repo()
+            .join("deploy/overlays")
+            .join(overlay)
+            .join("iamlet.toml");
+        let config = std::fs::read_to_string(&file).expect("read");
+        assert!(
+            !config
+                .lines()
+                .any(|line| line.starts_with("host_interface")),
+            "{overlay}/iamlet.toml sets it again"
+        );
+        // The shipped image is a placeholder that says how to set it.
+        let Some(rendered) = render(overlay) else {
+            return;
+        };
+        assert!(rendered.contains("image: iamlet\n"), "{overlay}");
+    }
+    let daemonset =
+        std::fs::read_to_string(support::repo().join("deploy/base/daemonset.yaml")).expect("read");
+    assert!(daemonset.contains("kustomize edit set image iamlet="));
+
+    let Some(mine) = render_dir("deploy/examples/my-cluster") else {
+        return;
+    };
+    validate_strictly("deploy/examples/my-cluster", &mine);
+    assert!(
+        mine.contains("image: ghcr.io/example/iamlet:0.1.0"),
+        "{mine}"
+    );
+    assert!(!mine.contains("image: iamlet\n"), "the placeholder is left");
+    assert_eq!(
+        mine.matches("name: IAMLET_IPTABLES__HOST_INTERFACE")
+            .count(),
+        1,
+        "{mine}"
+    );
+    let setting = "name: IAMLET_IPTABLES__HOST_INTERFACE\n          value: lxc+";
+    assert!(mine.contains(setting), "the patch did not take:\n{mine}");
+}
+
+#[test]
+fn monitoring_scrapes_the_port_the_daemonset_declares() {
+    let Some(monitoring) = render_dir("deploy/monitoring") else {
+        return;
+    };
+    assert!(monitoring.contains("kind: PodMonitor"));
+    assert!(monitoring.contains("kind: PrometheusRule"));
+    assert!(monitoring.contains("    port: admin\n"), "{monitoring}");
+    assert!(monitoring.contains("namespace: iamlet-system"));
+    let Some(standalone) = render("standalone") else {
+        return;
+    };
+    assert!(standalone.contains("- containerPort: 8182\n          name: admin"));
 }

@@ -473,7 +473,11 @@ async fn admin_endpoints_live_only_on_the_admin_port() {
     let admin = world.iamlet.admin;
     let local = ip("127.0.0.1");
     assert_eq!(get(local, admin, "/healthz", None).await.status, 200);
-    assert_eq!(get(local, admin, "/readyz", None).await.status, 200);
+    // Ready once every pod's role has been asked of STS (the table has stalled roles too).
+    support::eventually("ready", Duration::from_secs(30), || async {
+        get(local, admin, "/readyz", None).await.status == 200
+    })
+    .await;
     get(web0(), world.iamlet.imds, &format!("{CREDS}web"), None).await;
     get(web0(), world.iamlet.imds, "/latest/user-data", None).await;
     let metrics = get(local, admin, "/metrics", None).await.body;

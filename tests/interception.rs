@@ -2,7 +2,8 @@
 //! enabled, moto, and a fake of the node's real IMDS on 169.254.169.254:80 that holds the
 //! node's secret. "Pods" are namespaces routed through the node. boto3 in a pod, with no
 //! endpoint override, must get its own role's credentials from 169.254.169.254; the node's
-//! secret must never reach a pod while the rule stands.
+//! secret must never reach a pod while the rule stands. The rule goes into the iptables
+//! backend (legacy or nft) that the node's own rules are in.
 
 mod support;
 
@@ -95,18 +96,50 @@ impl Node {
         )
     }
 
+    /// The nat table as iptables-nft sees it (the backend of a node with no rules yet).
     fn iptables_save(&self) -> String {
-        let out = self.ns.run(Path::new("iptables-save"), &["-t", "nat"], &[]);
+        self.save(NFT)
+    }
+
+    /// The nat table in one backend.
+    fn save(&self, backend: Backend) -> String {
+        let out = self.ns.run(Path::new(backend.save), &["-t", "nat"], &[]);
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     fn iptables(&self, args: &[&str]) {
-        let out = self.ns.run(Path::new("iptables"), args, &[]);
+        self.run_in(NFT, args);
+    }
+
+    fn run_in(&self, backend: Backend, args: &[&str]) {
+        let out = self.ns.run(Path::new(backend.program), args, &[]);
         assert!(
             out.status.success(),
-            "iptables {args:?}: {}",
+            "{} {args:?}: {}",
+            backend.program,
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// Rules like those kube-proxy and kubelet leave on a node, in `backend`: a services
+    /// chain with a jump from PREROUTING, and, with `hint`, kubelet's KUBE-IPTABLES-HINT chain.
+    fn node_rules(&self, backend: Backend, hint: bool) {
+        self.run_in(backend, &["-t", "nat", "-N", "KUBE-SERVICES"]);
+        self.run_in(
+            backend,
+            &["-t", "nat", "-A", "PREROUTING", "-j", "KUBE-SERVICES"],
+        );
+        self.run_in(
+            backend,
+            &["-t", "nat", "-A", "OUTPUT", "-j", "KUBE-SERVICES"],
+        );
+        self.run_in(
+            backend,
+            &["-t", "nat", "-A", "KUBE-SERVICES", "-j", "RETURN"],
+        );
+        if hint {
+            self.run_in(backend, &["-t", "mangle", "-N", "KUBE-IPTABLES-HINT"]);
+        }
     }
 
     fn uninstall(&self) -> Output {
@@ -130,6 +163,22 @@ fn wait_for_rules(node: &Node, ready: impl Fn(&str) -> bool) -> String {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// An iptables backend's programs.
+#[derive(Clone, Copy)]
+struct Backend {
+    program: &'static str,
+    save: &'static str,
+}
+
+const LEGACY: Backend = Backend {
+    program: "iptables-legacy",
+    save: "iptables-legacy-save",
+};
+const NFT: Backend = Backend {
+    program: "iptables-nft",
+    save: "iptables-nft-save",
+};
 
 fn intercepting(rules: &str) -> bool {
     rules.contains("-j IAMLET") && rules.contains("--to-destination")
@@ -252,4 +301,94 @@ fn remove_on_exit_takes_the_rule_away() {
     // The documented trade-off: with the rule gone, pods reach the node's own IMDS.
     let (reached, _) = node.fetch(&node.with_role, "/latest/meta-data/placement/region");
     assert!(reached);
+}
+
+/// The backend iamlet logged it chose.
+fn chosen_backend(iamlet: &Iamlet) -> String {
+    iamlet
+        .log()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|event| event["message"] == "iptables backend chosen")
+        .and_then(|event| event["backend"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| panic!("no backend choice logged:\n{}", iamlet.log()))
+}
+
+#[test]
+fn on_a_legacy_node_the_rule_goes_into_legacy() {
+    require_netns!();
+    let node = Node::new();
+    // kube-proxy's rules in legacy (an older node); kubelet's hint chain absent, so the rule
+    // counts decide. nft holds nothing.
+    node.node_rules(LEGACY, false);
+    let mut iamlet = node.start_iamlet("");
+    assert_eq!(chosen_backend(&iamlet), "legacy");
+    assert!(intercepting(&node.save(LEGACY)), "{}", node.save(LEGACY));
+    assert!(!node.save(NFT).contains("IAMLET"), "{}", node.save(NFT));
+    // Pods really are intercepted by the legacy rule.
+    let out = node.boto3(&node.with_role);
+    assert_eq!(
+        stdout(&out),
+        "arn:aws:sts::123456789012:assumed-role/web/shop.default",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The legacy rule is repaired like any other.
+    node.run_in(LEGACY, &["-t", "nat", "-F", "IAMLET"]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !intercepting(&node.save(LEGACY)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(intercepting(&node.save(LEGACY)), "not restored in legacy");
+    assert!(iamlet.stop().success());
+
+    // Uninstall detects the same backend and removes the rule from it.
+    let out = node.uninstall();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout(&out).contains("iptables backend: legacy"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        !node.save(LEGACY).contains("IAMLET"),
+        "{}",
+        node.save(LEGACY)
+    );
+    assert!(
+        node.save(LEGACY).contains("KUBE-SERVICES"),
+        "the node's rules went too"
+    );
+}
+
+#[test]
+fn kubelets_hint_chain_outweighs_rule_counts_and_the_config_outweighs_both() {
+    require_netns!();
+    let node = Node::new();
+    // More rules in legacy (leftovers), but kubelet marks nft as the node's backend.
+    node.node_rules(LEGACY, false);
+    node.node_rules(NFT, true);
+    node.run_in(NFT, &["-t", "nat", "-D", "OUTPUT", "-j", "KUBE-SERVICES"]);
+    let mut iamlet = node.start_iamlet("");
+    assert_eq!(chosen_backend(&iamlet), "nft");
+    assert!(intercepting(&node.save(NFT)), "{}", node.save(NFT));
+    assert!(
+        !node.save(LEGACY).contains("IAMLET"),
+        "{}",
+        node.save(LEGACY)
+    );
+    assert!(iamlet.stop().success());
+    assert!(node.uninstall().status.success());
+    assert!(!node.save(NFT).contains("IAMLET"));
+
+    // iptables.backend overrides detection.
+    let mut iamlet = node.start_iamlet("backend = \"legacy\"");
+    assert_eq!(chosen_backend(&iamlet), "legacy");
+    assert!(intercepting(&node.save(LEGACY)), "{}", node.save(LEGACY));
+    assert!(!node.save(NFT).contains("IAMLET"), "{}", node.save(NFT));
+    assert!(iamlet.stop().success());
 }

@@ -156,6 +156,21 @@ impl<S: CredentialSource, C: Clock> Cache<S, C> {
         state.credentials.as_ref().map(|c| c.expiration)
     }
 
+    /// How many identities the cache holds that STS has not been asked for yet (whatever its
+    /// answer will be): after a start, `/readyz` waits for none, so that a restarted iamlet is
+    /// warm before it says it is ready. An identity being fetched right now counts.
+    pub fn unfetched(&self) -> usize {
+        self.inner
+            .entries
+            .iter()
+            .filter(|(_, entry)| {
+                entry.state.try_lock().map_or(true, |state| {
+                    state.credentials.is_none() && state.refused.is_none() && state.failures == 0
+                })
+            })
+            .count()
+    }
+
     /// Makes the cache hold exactly `wanted`: new keys are fetched in the background now,
     /// keys no longer wanted are evicted, and refusals may be retried (pods or policy changed).
     pub fn sync(&self, wanted: &HashSet<AssumeRoleRequest>) {
@@ -188,7 +203,11 @@ impl<S: CredentialSource, C: Clock> Cache<S, C> {
                 state: tokio::sync::Mutex::new(State::default()),
                 stop: CancellationToken::new(),
             });
-            tokio::spawn(refresh(self.inner.clone(), request.clone(), entry.clone()));
+            tokio::spawn(supervised(
+                self.inner.clone(),
+                request.clone(),
+                entry.clone(),
+            ));
             entry
         })
     }
@@ -244,6 +263,25 @@ fn backoff(failures: u32) -> Duration {
         .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(16)))
         .min(BACKOFF_MAX);
     base.mul_f64(rand::rng().random_range(0.8..1.2))
+}
+
+/// Runs an entry's refresh task; should it ever panic, the entry is dropped (its stop token
+/// fires through the eviction listener) rather than left unrefreshed, and the next request or
+/// prefetch for the key starts a fresh one. Restarting is safe here: an entry holds nothing
+/// that cannot be fetched again.
+async fn supervised<S: CredentialSource, C: Clock>(
+    inner: Arc<Inner<S, C>>,
+    key: AssumeRoleRequest,
+    entry: Arc<Entry>,
+) {
+    use futures::FutureExt;
+    let outcome = std::panic::AssertUnwindSafe(refresh(inner.clone(), key.clone(), entry))
+        .catch_unwind()
+        .await;
+    if outcome.is_err() {
+        tracing::error!(role = %key.role_arn, "a credential refresh task panicked; the entry is dropped and will be fetched anew");
+        inner.entries.invalidate(&key);
+    }
 }
 
 /// An entry's life: fetch now (prefetch), then refresh ahead of expiry, until evicted.

@@ -6,6 +6,7 @@ pub mod events;
 pub mod freshness;
 pub mod index;
 mod static_table;
+pub mod taint;
 pub mod watch;
 
 pub use index::PodIndex;
@@ -40,6 +41,9 @@ pub struct Config {
     /// What happens past `max_staleness`: "refuse" (no pod is served) or "serve" (the pods
     /// known before still are).
     pub when_stale: freshness::WhenStale,
+    /// A taint key that iamlet removes from its node once it serves (rule in, lists synced,
+    /// cache warm); empty = none. Register nodes with it to keep pods off until then.
+    pub startup_taint: String,
     /// The pod table used when `source = "static"`.
     #[serde(rename = "static")]
     pub static_pods: Vec<StaticPod>,
@@ -53,6 +57,7 @@ impl Default for Config {
             wait_for_pod: Duration::from_millis(900),
             max_staleness: Duration::from_secs(300),
             when_stale: freshness::WhenStale::Refuse,
+            startup_taint: String::new(),
             static_pods: Vec::new(),
         }
     }

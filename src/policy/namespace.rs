@@ -48,6 +48,16 @@ pub enum Denial {
 }
 
 impl Denial {
+    /// Every [`Denial::reason`], for metrics that must exist before the first denial.
+    pub const REASONS: [&'static str; 6] = [
+        "namespace_unannotated",
+        "not_permitted",
+        "invalid_pattern",
+        "unknown_namespace",
+        "server",
+        "not_its_role",
+    ];
+
     /// A short label for metrics.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -155,6 +165,34 @@ mod tests {
             .expect_err("denied");
         assert_eq!(denial.reason(), "invalid_pattern");
         assert!(denial.to_string().contains("(unclosed"));
+    }
+
+    #[test]
+    fn every_reason_is_listed() {
+        let denials = [
+            Denial::Unannotated {
+                namespace: String::new(),
+            },
+            Denial::NotPermitted {
+                namespace: String::new(),
+                role: String::new(),
+                pattern: String::new(),
+            },
+            Denial::InvalidPattern {
+                namespace: String::new(),
+                pattern: String::new(),
+                error: String::new(),
+            },
+            Denial::UnknownNamespace {
+                namespace: String::new(),
+            },
+            Denial::ByServer,
+            Denial::NotItsRole {
+                requested: String::new(),
+            },
+        ];
+        let reasons: Vec<&str> = denials.iter().map(Denial::reason).collect();
+        assert_eq!(reasons, Denial::REASONS);
     }
 
     #[test]

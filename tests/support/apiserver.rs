@@ -274,6 +274,7 @@ fn start() -> ApiServer {
     for rbac in [
         "deploy/overlays/standalone/rbac.yaml",
         "deploy/overlays/server-backed/server-rbac.yaml",
+        "deploy/components/startup-taint/rbac.yaml",
     ] {
         kubectl(&[
             "apply",

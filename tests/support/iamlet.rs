@@ -106,6 +106,19 @@ impl Setup {
     }
 }
 
+/// The command prefix that runs a program chrooted into an image's root filesystem `root`, with
+/// /proc mounted there as a container runtime would (iptables-legacy-save reads its tables
+/// from /proc/net). The mount lives in the mount namespace of the process that made it: run
+/// it under `ip netns exec`, which gives every command one of its own.
+pub fn in_root(root: &Path) -> [String; 4] {
+    [
+        "sh".into(),
+        "-c".into(),
+        r#"mount -t proc proc "$0/proc" && exec chroot "$0" "$@""#.into(),
+        root.display().to_string(),
+    ]
+}
+
 pub struct Iamlet {
     pub imds: SocketAddr,
     pub admin: SocketAddr,
@@ -125,6 +138,7 @@ impl Iamlet {
         Self::launch(
             "agent",
             setup.netns.as_deref(),
+            None,
             &config,
             &dir.join("iamlet.log"),
             &["--log-level", &setup.log_level],
@@ -135,35 +149,65 @@ impl Iamlet {
     /// Starts `iamlet server` with the config file `config` and `env`, logging JSON at debug
     /// to `log`.
     pub fn start_server(config: &Path, log: &Path, env: &[(String, String)]) -> Iamlet {
-        Self::launch("server", None, config, log, &["--log-level", "debug"], env)
+        Self::launch(
+            "server",
+            None,
+            None,
+            config,
+            log,
+            &["--log-level", "debug"],
+            env,
+        )
     }
 
     /// Starts `iamlet agent` with the config file `config` and nothing else: no AWS
     /// credentials, no KUBECONFIG or NODE_NAME in its environment (only PATH).
     pub fn start_bare(config: &Path, log: &Path) -> Iamlet {
         Self::spawn(
-            Self::command("agent", None, config, &["--log-level", "debug"]),
+            Self::command("agent", None, None, config, &["--log-level", "debug"]),
             log,
+        )
+    }
+
+    /// Starts the iamlet of a container image's root filesystem `root` (chroot), as its
+    /// entrypoint would run, inside network namespace `netns`. The config goes to the image's
+    /// /etc/iamlet/iamlet.toml, the token key to its /var/lib/iamlet; the log to `log`.
+    pub fn start_in_image(root: &Path, netns: &str, setup: &Setup, log: &Path) -> Iamlet {
+        std::fs::create_dir_all(root.join("etc/iamlet")).expect("etc/iamlet");
+        std::fs::create_dir_all(root.join("var/lib/iamlet")).expect("var/lib/iamlet");
+        let config = Path::new("/etc/iamlet/iamlet.toml");
+        let key = Path::new("/var/lib/iamlet/imds-token.key");
+        std::fs::write(root.join("etc/iamlet/iamlet.toml"), setup.toml(key)).expect("config");
+        Self::launch(
+            "agent",
+            Some(netns),
+            Some(root),
+            config,
+            log,
+            &["--log-level", &setup.log_level],
+            &setup.env,
         )
     }
 
     /// Starts iamlet with a config file and extra arguments (which must include
     /// `--log-level`), logging JSON to `log`.
     pub fn start_with(config: &Path, log: &Path, args: &[&str]) -> Iamlet {
-        Self::launch("agent", None, config, log, args, &[])
+        Self::launch("agent", None, None, config, log, args, &[])
     }
 
-    /// Runs `iamlet COMMAND --config CONFIG`, inside network namespace `netns` when given,
-    /// with iamlet's own AWS credentials (moto accepts any) and `env`.
+    /// Runs `iamlet COMMAND --config CONFIG`, inside network namespace `netns` when given
+    /// (with `root`, the iamlet of that root filesystem, chrooted into it), with iamlet's own
+    /// AWS credentials (moto accepts any) and `env`.
     fn launch(
         command_name: &str,
         netns: Option<&str>,
+        root: Option<&Path>,
         config: &Path,
         log: &Path,
         args: &[&str],
         env: &[(String, String)],
     ) -> Iamlet {
-        let mut command = Self::command(command_name, netns, config, args);
+        let mut command = Self::command(command_name, netns, root, config, args);
         command
             .env("AWS_ACCESS_KEY_ID", "AKIDNODEOWN")
             .env("AWS_SECRET_ACCESS_KEY", "node-own-secret")
@@ -174,18 +218,29 @@ impl Iamlet {
 
     /// `iamlet COMMAND --config CONFIG --log-format json ARGS`, with only PATH in its
     /// environment.
-    fn command(command_name: &str, netns: Option<&str>, config: &Path, args: &[&str]) -> Command {
-        let binary = env!("CARGO_BIN_EXE_iamlet");
-        // `ip netns exec` execs the program, so the child's pid is iamlet's own.
-        let mut command = match netns {
-            Some(ns) => {
-                let mut command = Command::new("ip");
-                command.args(["netns", "exec", ns, binary]);
-                command
+    fn command(
+        command_name: &str,
+        netns: Option<&str>,
+        root: Option<&Path>,
+        config: &Path,
+        args: &[&str],
+    ) -> Command {
+        // `ip netns exec`, `sh -c 'exec …'` and `chroot` exec the program, so the child's pid
+        // is iamlet's own.
+        let mut program: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(ns) = netns {
+            program.extend(["ip", "netns", "exec", ns].map(Into::into));
+        }
+        match root {
+            Some(root) => {
+                program.extend(in_root(root).map(Into::into));
+                program.push("/usr/local/bin/iamlet".into());
             }
-            None => Command::new(binary),
-        };
+            None => program.push(env!("CARGO_BIN_EXE_iamlet").into()),
+        }
+        let mut command = Command::new(&program[0]);
         command
+            .args(&program[1..])
             .args([command_name, "--config"])
             .arg(config)
             .args(["--log-format", "json"])
@@ -285,6 +340,14 @@ impl Iamlet {
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the process with SIGKILL (no drain, nothing cleaned up) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 

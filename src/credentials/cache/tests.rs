@@ -17,6 +17,8 @@ enum Mode {
     Grant,
     Outage,
     Refuse,
+    /// A bug: the next call panics, then STS grants again.
+    PanicOnce,
 }
 
 #[derive(Clone)]
@@ -55,8 +57,13 @@ impl CredentialSource for FakeSts {
             .push(tokio::time::Instant::now());
         tokio::time::sleep(Duration::from_millis(50)).await;
         let mode = *self.mode.lock().expect("mode");
+        if mode == Mode::PanicOnce {
+            self.set(Mode::Grant);
+            panic!("a bug in the credential source");
+        }
         let now = self.clock.now();
         match mode {
+            Mode::PanicOnce => unreachable!("handled above"),
             Mode::Grant => Ok(Credentials {
                 access_key_id: format!("AKID{n}"),
                 secret_access_key: "secret".into(),
@@ -266,4 +273,23 @@ async fn keys_no_pod_wants_are_evicted_and_stop_refreshing() {
     // Only "web" kept refreshing: about six refreshes in three hours, none for "batch".
     let refreshes = sts.calls() - calls;
     assert!((5..=7).contains(&refreshes), "{refreshes} refreshes");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refresh_task_that_panics_is_replaced_not_lost() {
+    let (cache, sts, _, _) = cache();
+    sts.set(Mode::PanicOnce);
+    cache.sync(&wanted(&[key("web")]));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(sts.calls(), 1, "the prefetch ran, and panicked");
+    // The entry went with its task: nothing half-dead is kept.
+    assert_eq!(cache.unfetched(), 0);
+    assert!(cache.expiry(&key("web")).is_none());
+    // The next prefetch starts a fresh task, which refreshes as ever.
+    cache.sync(&wanted(&[key("web")]));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(sts.calls(), 2);
+    assert!(cache.expiry(&key("web")).is_some());
+    cache.get(&key("web")).await.expect("credentials");
+    assert_eq!(sts.calls(), 2, "served from the new entry");
 }

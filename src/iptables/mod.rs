@@ -2,17 +2,22 @@
 //!
 //! iamlet owns one chain, `IAMLET`, in the nat table: one DNAT rule in it, one jump to it from
 //! PREROUTING. [`Interception::ensure`] makes that so (and is idempotent, so it also repairs);
-//! [`remove`] takes both away. The `iptables` binary is called with `--wait`, so it queues
+//! [`remove`] takes both away. Both work in one [`Backend`] (legacy or nft), the one the node's
+//! own rules are in ([`backend`] finds it). iptables is called with `--wait`, so it queues
 //! behind the xtables lock that kube-proxy and CNIs hold. Calls block: run them off the runtime.
 //!
 //! The rule stays when iamlet exits unless `remove_on_exit` is set: pods then get "connection
 //! refused" from 169.254.169.254 until iamlet is back, rather than the node's own IMDS and the
 //! node's role (fail closed).
 
+mod backend;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+pub use backend::{Backend, BackendChoice, Selection, detect, select};
 
 /// The chain iamlet owns in the nat table.
 pub const CHAIN: &str = "IAMLET";
@@ -36,6 +41,8 @@ pub struct Config {
     /// How often the rule is checked and repaired.
     #[serde(with = "humantime_serde")]
     pub reconcile_interval: Duration,
+    /// `legacy`, `nft`, or `auto`: the backend the node's own rules are in.
+    pub backend: BackendChoice,
 }
 
 impl Default for Config {
@@ -45,6 +52,7 @@ impl Default for Config {
             host_interface: "cali+".to_owned(),
             remove_on_exit: false,
             reconcile_interval: Duration::from_secs(10),
+            backend: BackendChoice::Auto,
         }
     }
 }
@@ -85,20 +93,22 @@ pub fn check_host_interface(spec: &str) -> Result<(), String> {
     }
 }
 
-/// The rules that send pods on `host_interface` to iamlet at `target`.
+/// The rules that send pods on `host_interface` to iamlet at `target`, in one backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Interception {
+    backend: Backend,
     dnat: String,
     jump: String,
 }
 
 impl Interception {
-    pub fn new(host_interface: &str, target: SocketAddr) -> Interception {
+    pub fn new(backend: Backend, host_interface: &str, target: SocketAddr) -> Interception {
         let interface = match host_interface.strip_prefix('!') {
             Some(name) => format!("! -i {name}"),
             None => format!("-i {host_interface}"),
         };
         Interception {
+            backend,
             dnat: format!(
                 "-p tcp -d 169.254.169.254/32 --dport 80 {interface} {COMMENT} -j DNAT --to-destination {target}"
             ),
@@ -109,7 +119,7 @@ impl Interception {
     /// Makes the chain hold exactly the DNAT rule and PREROUTING jump to it. Returns whether
     /// anything had to change (a first install, or a repair).
     pub fn ensure(&self) -> Result<bool, Error> {
-        let ipt = iptables()?;
+        let ipt = self.backend.iptables()?;
         let mut changed = false;
         let exists = ipt
             .chain_exists(TABLE, CHAIN)
@@ -141,12 +151,16 @@ impl Interception {
         }
         Ok(changed)
     }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
 }
 
-/// Removes every PREROUTING jump to the IAMLET chain and the chain itself, whatever address
-/// it pointed at. Returns whether there was anything to remove.
-pub fn remove() -> Result<bool, Error> {
-    let ipt = iptables()?;
+/// Removes every PREROUTING jump to the IAMLET chain and the chain itself from `backend`,
+/// whatever address it pointed at. Returns whether there was anything to remove.
+pub fn remove(backend: Backend) -> Result<bool, Error> {
+    let ipt = backend.iptables()?;
     let mut removed = false;
     let prerouting = list(&ipt, PREROUTING)?;
     let prefix = format!("-A {PREROUTING} ");
@@ -170,12 +184,6 @@ pub fn remove() -> Result<bool, Error> {
         removed = true;
     }
     Ok(removed)
-}
-
-fn iptables() -> Result<iptables::IPTables, Error> {
-    // Not numeric: iptables-nft refuses `-S` with `-n`, and the crate would read that as an
-    // empty chain.
-    iptables::new(false).map_err(|e| Error::from("run iptables", &*e))
 }
 
 /// Lists `chain` as `iptables -S` prints it. The crate does not check the exit status, so an
@@ -215,12 +223,13 @@ mod tests {
 
     #[test]
     fn rules_match_pod_interfaces_and_target() {
-        let rule = Interception::new("!eth0", "10.0.0.5:8181".parse().expect("addr"));
+        let target = "10.0.0.5:8181".parse().expect("addr");
+        let rule = Interception::new(Backend::Nft, "!eth0", target);
         assert!(rule.dnat.contains("! -i eth0"), "{}", rule.dnat);
         assert!(rule.dnat.contains("-d 169.254.169.254/32 --dport 80"));
         assert!(rule.dnat.ends_with("--to-destination 10.0.0.5:8181"));
         assert!(rule.jump.ends_with("-j IAMLET"));
-        let rule = Interception::new("cali+", "10.0.0.5:8181".parse().expect("addr"));
+        let rule = Interception::new(Backend::Legacy, "cali+", target);
         assert!(rule.dnat.contains(" -i cali+ "), "{}", rule.dnat);
     }
 }
