@@ -223,7 +223,9 @@ impl Config {
                 format!(
                     "{target} cannot be the DNAT target of the interception rule; with \
                      iptables.enabled, listen on an address pods are routed to, such as the \
-                     node's IP (HOST_IP)"
+                     node's IP. The shipped DaemonSet sets \
+                     IAMLET_CONTAINER_CREDENTIALS__LISTEN=$(HOST_IP):8183; to check its \
+                     iamlet.toml, set it too"
                 ),
             ));
         }
