@@ -127,11 +127,14 @@ impl App {
                 reason = selection.reason.as_str(),
                 "iptables backend chosen"
             );
-            let rule = Interception::new(
+            let mut rule = Interception::new(
                 selection.backend,
                 &config.iptables.host_interface,
                 local_addr(&imds_listener),
             );
+            if let Some(front) = &token_front {
+                rule = rule.with_token_front(front.addr());
+            }
             let ensured = rule.clone();
             blocking(move || ensured.ensure())
                 .await
@@ -139,6 +142,7 @@ impl App {
             tracing::info!(
                 host_interface = config.iptables.host_interface.as_str(),
                 target = %local_addr(&imds_listener),
+                container_credentials = ?token_front.as_ref().map(TokenFront::addr),
                 backend = selection.backend.name(),
                 "interception rule installed"
             );
