@@ -10,15 +10,13 @@ mod support;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
-use base64::Engine;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::{Value, json};
 use support::apiserver::{self, IAMLET_TOKEN, create_namespace};
 use support::http::{Reply, get, ip, request_for};
 use support::iamlet::{Iamlet, Setup};
-use support::wired::{self, PodSpec, create_service_account, run_pod};
+use support::wired::{self, PodSpec, create_service_account, resign, run_pod};
 use support::{eventually, moto, rust_sdk};
 
 const WITHIN: Duration = Duration::from_secs(30);
@@ -221,38 +219,6 @@ async fn wired_pods_get_their_own_role_by_token_from_any_address() {
     let secret = document["SecretAccessKey"].as_str().expect("secret");
     assert!(!log.contains(secret), "a secret key in the log");
     assert!(log.contains("container credentials request"));
-}
-
-/// `token` with its claims changed by `edit` and signed again with `key` (PKCS#8 PEM).
-fn resign(token: &str, key_pem: &str, edit: impl FnOnce(&mut Value)) -> String {
-    let mut parts = token.split('.');
-    let header = parts.next().expect("header");
-    let mut claims: Value = serde_json::from_slice(
-        &URL_SAFE_NO_PAD
-            .decode(parts.next().expect("claims"))
-            .expect("b64"),
-    )
-    .expect("claims");
-    edit(&mut claims);
-    let input = format!(
-        "{header}.{}",
-        URL_SAFE_NO_PAD.encode(claims.to_string().as_bytes())
-    );
-    let der: String = key_pem
-        .lines()
-        .filter(|line| !line.starts_with("-----"))
-        .collect();
-    let key = ring::signature::RsaKeyPair::from_pkcs8(&STANDARD.decode(der).expect("pem"))
-        .expect("PKCS#8 RSA key");
-    let mut signature = vec![0; key.public().modulus_len()];
-    key.sign(
-        &ring::signature::RSA_PKCS1_SHA256,
-        &ring::rand::SystemRandom::new(),
-        input.as_bytes(),
-        &mut signature,
-    )
-    .expect("sign");
-    format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature))
 }
 
 fn unix(time: SystemTime) -> u64 {

@@ -320,15 +320,25 @@ impl ApiServer {
 
     /// Writes a kubeconfig for `token` and returns its path.
     pub fn kubeconfig(&self, token: &str) -> PathBuf {
+        self.kubeconfig_at(token, &self.url)
+    }
+
+    /// A kubeconfig for `token` that reaches the API server at `url` (through a proxy; the
+    /// server's certificate names 127.0.0.1 and localhost).
+    pub fn kubeconfig_at(&self, token: &str, url: &str) -> PathBuf {
         use base64::Engine;
         let ca = std::fs::read(self.dir.join("ca.crt")).expect("ca");
         let ca = base64::engine::general_purpose::STANDARD.encode(ca);
-        let path = self.dir.join(format!("{token}.kubeconfig"));
+        let name = format!(
+            "{token}-{}.kubeconfig",
+            url.rsplit(':').next().unwrap_or_default()
+        );
+        let path = self.dir.join(name);
         let text = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    certificate-authority-data: {ca}\n\
              users:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: u\n\
              current-context: test\n",
-            self.url
+            url
         );
         std::fs::write(&path, text).expect("kubeconfig");
         path

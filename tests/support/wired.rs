@@ -8,10 +8,12 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use serde_json::json;
+use serde_json::{Value, json};
 
 /// The endpoint pods are given.
 pub const FULL_URI: &str = "http://169.254.170.23/v1/credentials";
@@ -168,4 +170,52 @@ pub async fn project(
             (var.name.clone(), value)
         })
         .collect()
+}
+
+/// `token` with its claims changed by `edit` and signed again with `key` (PKCS#8 PEM).
+pub fn resign(token: &str, key_pem: &str, edit: impl FnOnce(&mut Value)) -> String {
+    let mut parts = token.split('.');
+    let header = parts.next().expect("header");
+    let mut claims: Value = serde_json::from_slice(
+        &URL_SAFE_NO_PAD
+            .decode(parts.next().expect("claims"))
+            .expect("b64"),
+    )
+    .expect("claims");
+    edit(&mut claims);
+    let input = format!(
+        "{header}.{}",
+        URL_SAFE_NO_PAD.encode(claims.to_string().as_bytes())
+    );
+    let der: String = key_pem
+        .lines()
+        .filter(|line| !line.starts_with("-----"))
+        .collect();
+    let key = ring::signature::RsaKeyPair::from_pkcs8(&STANDARD.decode(der).expect("pem"))
+        .expect("PKCS#8 RSA key");
+    let mut signature = vec![0; key.public().modulus_len()];
+    key.sign(
+        &ring::signature::RSA_PKCS1_SHA256,
+        &ring::rand::SystemRandom::new(),
+        input.as_bytes(),
+        &mut signature,
+    )
+    .expect("sign");
+    format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature))
+}
+
+/// A fresh RSA key (PKCS#8 PEM) that is not the cluster's.
+pub fn new_rsa_key() -> String {
+    let out = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+        ])
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "openssl genpkey");
+    String::from_utf8(out.stdout).expect("pem")
 }
