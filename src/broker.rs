@@ -6,6 +6,10 @@
 //!   prefetching cache. The standalone agent uses it for its node's pods; `iamlet server` uses
 //!   the same one for the whole cluster's pods behind the kiam protocol.
 //! - the kiam client's broker (`kiam::KiamBroker`), which asks a remote server.
+//!
+//! The token front (`container_credentials`) knows pods by token, not IP, so it uses
+//! [`Local`] directly: [`Local::pod_by_uid`], then [`Local::role_of`] and
+//! [`Local::credentials_for`], the same policy and cache as the IP path.
 
 use std::collections::HashSet;
 use std::future::Future;
