@@ -212,6 +212,12 @@ async fn wired_pods_get_their_own_role_by_token_from_any_address() {
             .await
             >= 5.0
     );
+    // Every answer came from the cache, prefetched before iamlet said it was ready: also the
+    // host-network pod's, which only the token front serves.
+    assert_eq!(
+        iamlet.metric("iamlet_credential_cache_misses_total").await,
+        0.0
+    );
     // Neither tokens nor credentials reach the log, and each request has its debug line.
     let log = iamlet.log();
     assert!(!log.contains(token.trim()), "a token in the log");
