@@ -114,6 +114,8 @@ impl App {
             upstream,
             metrics: metrics.clone(),
             request_timeout: config.imds.request_timeout,
+            clock: Arc::new(crate::clock::SystemClock),
+            fair_share: imds::FairShare::new(config.imds.client_limits(), metrics.clone()),
         });
         // Only now, with the pod-facing listener bound and everything behind it ready, may pod
         // traffic be sent here.
@@ -221,6 +223,7 @@ impl App {
                 status::serve(
                     listener,
                     Arc::new(move || state.broker.status()),
+                    Arc::new(crate::clock::SystemClock),
                     supervisor.cancel(),
                 ),
             );

@@ -273,6 +273,9 @@ impl Config {
         if imds.token_key_file.as_os_str().is_empty() {
             return Err(ConfigError::new("imds.token_key_file", "must not be empty"));
         }
+        if let Some((key, problem)) = imds.fair_share_problem() {
+            return Err(ConfigError::new(key, problem));
+        }
         Ok(())
     }
 
@@ -721,6 +724,19 @@ mod tests {
             ("[credentials]\nsts_qps = 0", "credentials.sts_qps"),
             ("[credentials]\nsts_qps = -1.5", "credentials.sts_qps"),
             ("[credentials]\nsts_burst = 0", "credentials.sts_burst"),
+            (
+                "[imds]\nclient_max_connections = 0",
+                "imds.client_max_connections",
+            ),
+            (
+                "[imds]\nclient_max_requests = 0",
+                "imds.client_max_requests",
+            ),
+            (
+                "[imds]\nclient_requests_per_second = 0",
+                "imds.client_requests_per_second",
+            ),
+            ("[imds]\nclient_burst = 0", "imds.client_burst"),
         ] {
             assert_eq!(key_of(load(toml, &[], Vec::new())), key, "{toml}");
         }

@@ -43,6 +43,24 @@ where
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
+    serve_admitting(listener, limits, cancel, |_| Some(()), handler).await
+}
+
+/// As [`serve`], asking `admit` about each accepted connection first: a connection it refuses
+/// (`None`) is closed at once; what it grants is held until the connection ends.
+pub async fn serve_admitting<A, T, H, F>(
+    listener: TcpListener,
+    limits: Limits,
+    cancel: CancellationToken,
+    admit: A,
+    handler: H,
+) -> std::io::Result<()>
+where
+    A: Fn(SocketAddr) -> Option<T>,
+    T: Send + 'static,
+    H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     loop {
@@ -66,6 +84,10 @@ where
                 }
             },
         };
+        let Some(ticket) = admit(remote) else {
+            drop(stream);
+            continue;
+        };
         let handler = handler.clone();
         let service = hyper::service::service_fn(move |request| {
             let response = handler(remote, request);
@@ -81,6 +103,7 @@ where
             if let Err(err) = connection.await {
                 tracing::debug!(%remote, error = %err, "connection ended with an error");
             }
+            drop(ticket);
             drop(permit);
         });
     }

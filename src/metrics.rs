@@ -62,11 +62,18 @@ struct Inner {
     container_request_duration: HistogramFamily<RouteLabels>,
     container_refusals: Family<ReasonLabels, Counter>,
     ready: prometheus_client::metrics::gauge::Gauge,
+    in_flight: prometheus_client::metrics::gauge::Gauge,
+    fair_share_refusals: Family<LimitLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResourceLabels {
     resource: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -245,6 +252,19 @@ impl Default for Metrics {
             "1 when iamlet can answer pods (what /readyz says), else 0",
             ready.clone(),
         );
+        let in_flight = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register(
+            "imds_requests_in_flight",
+            "Pod-facing IMDS requests being answered now",
+            in_flight.clone(),
+        );
+        let fair_share_refusals = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "imds_fair_share_refusals",
+            "Connections and requests refused because one client (pod IP) was over its share, \
+             by limit (connections, requests, rate)",
+            fair_share_refusals.clone(),
+        );
         Metrics(Arc::new(Inner {
             container_requests,
             container_request_duration,
@@ -253,6 +273,8 @@ impl Default for Metrics {
             api_contact,
             server_calls,
             server_duration,
+            in_flight,
+            fair_share_refusals,
             kiam_calls,
             kiam_duration,
             cache_hits,
@@ -273,6 +295,18 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// A pod-facing request began (`+1`) or ended (`-1`).
+    pub fn track_in_flight(&self, delta: i64) {
+        self.0.in_flight.inc_by(delta);
+    }
+
+    pub fn observe_fair_share_refusal(&self, limit: &'static str) {
+        self.0
+            .fair_share_refusals
+            .get_or_create(&LimitLabels { limit })
+            .inc();
+    }
+
     pub fn observe_request(&self, route: &'static str, status: u16, elapsed: Duration) {
         self.0
             .requests

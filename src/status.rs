@@ -15,6 +15,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::PodStatus;
+use crate::clock::Clock;
 use crate::imds::timestamp;
 
 /// What the table is made from, asked afresh for each connection.
@@ -76,6 +77,7 @@ pub async fn bind(path: &Path) -> Result<UnixListener, Error> {
 pub async fn serve(
     listener: UnixListener,
     source: Source,
+    clock: Arc<dyn Clock>,
     cancel: CancellationToken,
 ) -> io::Result<()> {
     loop {
@@ -90,7 +92,7 @@ pub async fn serve(
                 }
             },
         };
-        let table = render(&source(), SystemTime::now());
+        let table = render(&source(), clock.now());
         tokio::spawn(async move {
             let mut stream = stream;
             let written = tokio::time::timeout(WRITE_TIMEOUT, async {

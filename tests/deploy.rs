@@ -22,11 +22,9 @@ fn render_dir(dir: &str) -> Option<String> {
     let out = match Command::new("kubectl").arg("kustomize").arg(&dir).output() {
         Ok(out) => out,
         Err(err) => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "in CI kubectl must be there: {err}"
-            );
-            eprintln!("skipped: kubectl not found ({err}); run `bash .ci/setup` as root");
+            support::skip(&format!(
+                "kubectl not found ({err}); run `bash .ci/setup` as root"
+            ));
             return None;
         }
     };

@@ -200,8 +200,13 @@ fn pods_reach_iamlet_at_169_254_169_254_and_never_the_node() {
         stdout(&out),
         "arn:aws:sts::123456789012:assumed-role/web/shop.default"
     );
-    // Reconciling a correct table changes nothing (several 200 ms rounds have passed by now).
-    std::thread::sleep(Duration::from_secs(1));
+    // Reconciling a correct table changes nothing: after several rounds, nothing was restored.
+    let rounds = |log: &str| log.matches("interception rule checked: intact").count();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while rounds(&iamlet.log()) < 5 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(rounds(&iamlet.log()) >= 5, "{}", iamlet.log());
     assert!(
         !iamlet.log().contains("restored"),
         "the rule churns:\n{}",

@@ -203,12 +203,21 @@ async fn forbidden_is_final_and_an_unknown_pod_is_retried_within_the_deadline() 
         calls_for("127.0.0.7", "GetPodCredentials") > 2,
         "no pod found was not retried"
     );
-    // Known within the deadline: found.
-    tokio::time::sleep_until(tokio::time::Instant::from_std(later)).await;
-    let found = get(ip("127.0.0.6"), iamlet.imds, CREDS, None).await;
-    assert_eq!((found.status, found.body.as_str()), (200, "web"));
-    let found = get(ip("127.0.0.7"), iamlet.imds, &format!("{CREDS}web"), None).await;
-    assert_eq!(found.json()["Code"], "Success", "{found:?}");
+    // Once the server knows the pods: found.
+    eventually("found once the server knows the pod", WITHIN, || async {
+        let found = get(ip("127.0.0.6"), iamlet.imds, CREDS, None).await;
+        (found.status, found.body.as_str()) == (200, "web")
+    })
+    .await;
+    eventually(
+        "credentials once the server knows the pod",
+        WITHIN,
+        || async {
+            let found = get(ip("127.0.0.7"), iamlet.imds, &format!("{CREDS}web"), None).await;
+            found.status == 200 && found.json()["Code"] == "Success"
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -280,7 +289,16 @@ async fn refused_server(server_tls: ServerTls, pki: &Pki) {
     let World { script, iamlet, .. } = &World::start(pki, &server_tls, "1s");
     let reply = get(ip("127.0.0.1"), iamlet.imds, CREDS, None).await;
     assert_eq!(reply.status, 503, "{reply:?}");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Its health check has met the server and failed, and readiness follows health checks.
+    eventually("a failed GetHealth against the server", WITHIN, || async {
+        let metrics = get(iamlet.admin.ip(), iamlet.admin, "/metrics", None).await;
+        metrics.body.lines().any(|line| {
+            line.starts_with("iamlet_kiam_calls_total{method=\"GetHealth\",code=\"")
+                && !line.contains("code=\"ok\"")
+                && !line.ends_with(" 0")
+        })
+    })
+    .await;
     assert!(!iamlet.ready().await);
     assert!(
         script.calls().is_empty(),

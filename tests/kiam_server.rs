@@ -10,7 +10,7 @@ mod support;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams};
@@ -170,7 +170,7 @@ fn seconds_until(text: &str) -> i64 {
     let at = time::PrimitiveDateTime::parse(text, &format)
         .expect("time")
         .assume_utc();
-    (at - time::OffsetDateTime::from(SystemTime::now())).whole_seconds()
+    (at - time::OffsetDateTime::now_utc()).whole_seconds()
 }
 
 /// The caller ARN STS sees for credentials a kiam client was given.

@@ -114,7 +114,11 @@ async fn a_first_request_waits_for_its_pod_to_arrive() {
     eventually("ready", WITHIN, || world.iamlet.ready()).await;
     let imds = world.iamlet.imds;
     let request = tokio::spawn(async move { get(ip("127.0.0.5"), imds, CREDS, None).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The request has reached iamlet and waits there for its pod.
+    eventually("the request in flight", WITHIN, || async {
+        world.iamlet.metric("iamlet_imds_requests_in_flight").await >= 1.0
+    })
+    .await;
     world.fake.apply_pod(pod(
         "shop",
         "new-0",
@@ -130,7 +134,14 @@ async fn a_first_request_waits_for_its_pod_to_arrive() {
 #[tokio::test]
 async fn readyz_waits_for_both_lists() {
     let world = start(|fake| fake.hold_namespace_list(true));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The pod list is in and the namespace list is asked for (and held).
+    eventually("both lists asked for", WITHIN, || async {
+        let requests = world.fake.requests();
+        ["LIST pods", "HELD LIST namespaces"]
+            .iter()
+            .all(|list| requests.iter().any(|r| r == list))
+    })
+    .await;
     let reply = get(ip("127.0.0.1"), world.iamlet.admin, "/readyz", None).await;
     assert_eq!(reply.status, 503);
     assert!(reply.body.contains("not ready"), "{}", reply.body);
@@ -201,10 +212,13 @@ async fn bookmarks_move_the_resume_point() {
     })
     .await;
     let bookmark = world.fake.bookmark();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    world.fake.cut_watches();
+    // Cut until a watch resumes at the bookmark: a cut that beats the bookmark to iamlet
+    // resumes from before it, and the next cut tries again.
     let resumed = format!("WATCH pods from {bookmark}");
     eventually("a watch resuming at the bookmark", WITHIN, || async {
+        if !world.fake.requests().contains(&resumed) {
+            world.fake.cut_watches();
+        }
         world.fake.requests().contains(&resumed)
     })
     .await;

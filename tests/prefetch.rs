@@ -187,7 +187,6 @@ async fn sts_trouble_is_ridden_out_on_the_last_good_credentials() {
             sts.assume_role_calls("web") > calls
         })
         .await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
         let reply = get(pod_ip, iamlet.imds, &format!("{CREDS}web"), None).await;
         assert_eq!(reply.status, 200, "{fault:?}: {reply:?}");
         assert_eq!(reply.json()["AccessKeyId"], good.as_str(), "{fault:?}");
@@ -274,8 +273,11 @@ async fn session_tags_reach_sts_without_splitting_the_session() {
     assert_eq!(tags, want);
 }
 
+/// A rollout of 1000 new identities at once under a tight STS rate: every identity is fetched,
+/// each exactly once, and none twice while the others wait for tokens. The rate itself is
+/// proven on paused time in `credentials::limiter`'s tests (no wall-clock bound here).
 #[tokio::test]
-async fn a_thousand_pod_rollout_stays_under_the_sts_rate() {
+async fn a_thousand_pod_rollout_fetches_each_identity_once_under_the_rate_limit() {
     let (qps, burst) = (100.0, 10usize);
     let pods: Vec<StaticPod> = (0..1000)
         .map(|i| {
@@ -290,10 +292,10 @@ async fn a_thousand_pod_rollout_stays_under_the_sts_rate() {
         })
         .collect();
     let extra = format!("[credentials]\nsts_qps = {qps}\nsts_burst = {burst}\n");
-    let (_dir, _iamlet, sts) = start(pods, &extra);
+    let (_dir, iamlet, sts) = start(pods, &extra);
     eventually(
         "every identity prefetched",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         || async { sts.assume_role_calls("rollout") >= 1000 },
     )
     .await;
@@ -302,29 +304,20 @@ async fn a_thousand_pod_rollout_stays_under_the_sts_rate() {
         1000,
         "one call per identity"
     );
-    let times = sts.call_times();
-    let (first, last) = (times[0], times[times.len() - 1]);
-    // Over the rollout: no faster than the rate, after the burst.
-    let least = Duration::from_secs_f64((1000 - burst) as f64 / qps);
-    let took = last.duration_since(first);
-    // In any one-second window: the burst plus a second's worth. The bucket holds that when
-    // tokens are taken; arrivals here add delivery jitter, allowed for as a quarter second.
-    let most = times
-        .iter()
-        .map(|start| {
-            times
-                .iter()
-                .filter(|t| **t >= *start && **t < *start + Duration::from_secs(1))
-                .count()
+    let sessions: HashSet<String> = sts
+        .forms()
+        .into_iter()
+        .filter(|form| {
+            form.get("RoleArn")
+                .is_some_and(|arn| arn.ends_with("/rollout"))
         })
-        .max()
-        .unwrap_or(0);
-    eprintln!(
-        "1000 identities in {took:?} (at least {least:?} at {qps}/s); at most {most} calls in any second"
-    );
-    assert!(took >= least.mul_f64(0.98), "{took:?}: faster than {qps}/s");
-    assert!(
-        most <= burst + (qps * 1.25) as usize,
-        "{most} calls within one second"
+        .filter_map(|form| form.get("RoleSessionName").cloned())
+        .collect();
+    assert_eq!(sessions.len(), 1000, "each identity asked for exactly once");
+    assert_eq!(
+        iamlet
+            .metric("iamlet_credential_refreshes_total{outcome=\"ok\"}")
+            .await,
+        1000.0
     );
 }

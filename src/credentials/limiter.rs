@@ -40,12 +40,13 @@ impl RateLimiter {
         }
     }
 
-    /// Waits for a token.
+    /// Waits for a token. Dropping the future while it waits (the pod hung up, the request
+    /// timed out) withdraws its place in the queue.
     pub async fn acquire(&self, priority: Priority) {
-        let mut registered = false;
+        let mut waiting: Option<RequestWaiting<'_>> = None;
         loop {
             let wait = {
-                let mut bucket = self.bucket.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut bucket = self.lock();
                 let now = Instant::now();
                 let elapsed = now.duration_since(bucket.refilled).as_secs_f64();
                 bucket.tokens = (bucket.tokens + elapsed * self.per_second).min(self.burst);
@@ -54,20 +55,35 @@ impl RateLimiter {
                     priority == Priority::Background && bucket.requests_waiting > 0;
                 if !yield_to_requests && bucket.tokens >= 1.0 {
                     bucket.tokens -= 1.0;
-                    if registered {
-                        bucket.requests_waiting -= 1;
-                    }
+                    // `waiting`, if any, leaves the queue as it drops, after the lock.
                     return;
                 }
-                if priority == Priority::Request && !registered {
+                if priority == Priority::Request && waiting.is_none() {
                     bucket.requests_waiting += 1;
-                    registered = true;
+                    waiting = Some(RequestWaiting { limiter: self });
                 }
                 let missing = (1.0 - bucket.tokens).max(0.0);
                 Duration::from_secs_f64((missing / self.per_second).max(0.001))
             };
             tokio::time::sleep(wait).await;
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Bucket> {
+        self.bucket.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A request counted in `requests_waiting`; uncounted exactly once, when it gets its token or
+/// when its future is dropped, so a request that gave up never holds background work back.
+struct RequestWaiting<'a> {
+    limiter: &'a RateLimiter,
+}
+
+impl Drop for RequestWaiting<'_> {
+    fn drop(&mut self) {
+        let mut bucket = self.limiter.lock();
+        bucket.requests_waiting = bucket.requests_waiting.saturating_sub(1);
     }
 }
 
@@ -134,5 +150,31 @@ mod tests {
             task.await.expect("task");
         }
         assert_eq!(order.lock().expect("order")[0], "request");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_gives_up_does_not_hold_background_work_back() {
+        let limiter = RateLimiter::new(1.0, 1);
+        limiter.acquire(Priority::Background).await; // empty the bucket
+        // A pod's request waits for a token, then its SDK hangs up: the future is dropped.
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(100),
+            limiter.acquire(Priority::Request),
+        )
+        .await;
+        assert!(
+            gave_up.is_err(),
+            "the request should still have been waiting"
+        );
+        // Background work gets the next token (within a second at 1/s), not never.
+        let background = tokio::time::timeout(
+            Duration::from_secs(5),
+            limiter.acquire(Priority::Background),
+        )
+        .await;
+        assert!(
+            background.is_ok(),
+            "background work waits forever behind a request that left"
+        );
     }
 }

@@ -112,6 +112,9 @@ pub enum Trouble {
     ServerError,
     /// Timeouts, refused connections, DNS: STS was not reached or did not answer.
     Network,
+    /// STS refused iamlet's own credentials (expired, invalid, clock skew): a fault of this
+    /// node, not of the pod's role, and over once iamlet's credentials are renewed.
+    OwnCredentials,
 }
 
 impl Trouble {
@@ -120,6 +123,7 @@ impl Trouble {
             Trouble::Throttled => "throttled",
             Trouble::ServerError => "server_error",
             Trouble::Network => "network",
+            Trouble::OwnCredentials => "own_credentials",
         }
     }
 }

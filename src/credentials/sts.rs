@@ -7,6 +7,7 @@ use aws_sdk_sts::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sts::operation::assume_role::AssumeRoleError;
 
 use super::{AssumeRoleRequest, CredentialSource, Credentials, Error, Trouble};
+use crate::clock::{Clock, SystemClock};
 use crate::metrics::Metrics;
 use crate::policy::RoleArn;
 
@@ -16,6 +17,7 @@ pub struct StsSource {
     client: aws_sdk_sts::Client,
     session_duration: Duration,
     metrics: Metrics,
+    clock: std::sync::Arc<dyn Clock>,
 }
 
 impl StsSource {
@@ -24,6 +26,15 @@ impl StsSource {
             client,
             session_duration,
             metrics,
+            clock: std::sync::Arc::new(SystemClock),
+        }
+    }
+
+    /// The same source with `clock` for the credentials' `last_updated`.
+    pub fn with_clock(self, clock: impl Clock) -> Self {
+        StsSource {
+            clock: std::sync::Arc::new(clock),
+            ..self
         }
     }
 }
@@ -51,7 +62,7 @@ impl CredentialSource for StsSource {
                     session_token: c.session_token,
                     expiration: SystemTime::try_from(c.expiration)
                         .unwrap_or(SystemTime::UNIX_EPOCH),
-                    last_updated: SystemTime::now(),
+                    last_updated: self.clock.now(),
                 })
                 .ok_or_else(|| Error::Unavailable {
                     role: request.role_arn.to_string(),
@@ -74,6 +85,19 @@ const THROTTLING_CODES: &[&str] = &[
     "TooManyRequestsException",
 ];
 
+/// Codes that say iamlet's own credentials (or clock) are at fault, not the pod's role: they
+/// must not be kept as a refusal of the role, which would outlive the renewal of iamlet's
+/// credentials until pods or policy change.
+const OWN_CREDENTIAL_CODES: &[&str] = &[
+    "ExpiredToken",
+    "ExpiredTokenException",
+    "InvalidClientTokenId",
+    "RequestExpired",
+    "SignatureDoesNotMatch",
+    "IncompleteSignature",
+    "MissingAuthenticationToken",
+];
+
 fn classify(role_arn: &RoleArn, err: SdkError<AssumeRoleError, HttpResponse>) -> Error {
     let role = role_arn.to_string();
     match &err {
@@ -84,7 +108,13 @@ fn classify(role_arn: &RoleArn, err: SdkError<AssumeRoleError, HttpResponse>) ->
                 service.err().message().unwrap_or("no message")
             );
             let status = service.raw().status().as_u16();
-            if status == 429 || THROTTLING_CODES.contains(&code) {
+            if OWN_CREDENTIAL_CODES.contains(&code) {
+                Error::Unavailable {
+                    role,
+                    kind: Trouble::OwnCredentials,
+                    message,
+                }
+            } else if status == 429 || THROTTLING_CODES.contains(&code) {
                 Error::Unavailable {
                     role,
                     kind: Trouble::Throttled,

@@ -12,16 +12,20 @@
 //! | GET | anything else | proxied to the node's IMDS if the allow-list admits it, else 404 |
 //!
 //! With `tokens = "required"` every GET needs a valid token; an invalid token is refused in
-//! either mode.
+//! either mode. Every connection and request first passes the client's fair share
+//! ([`fair_share`]): past it, a connection is closed and a request answered 503.
 
 mod document;
+pub mod fair_share;
 mod proxy;
 mod routes;
 mod token;
 
 pub use document::timestamp;
+pub use fair_share::{ClientLimits, FairShare};
 pub use proxy::Error as UpstreamError;
 pub use proxy::{DEFAULT_ALLOW, Upstream, check_upstream, compile_allow_list};
+pub use routes::{Metadata, Route};
 pub use token::KeyError;
 pub use token::TokenKey;
 
@@ -34,6 +38,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
+use crate::clock::Clock;
 use crate::http_server::{self, Limits};
 use crate::metrics::Metrics;
 
@@ -61,6 +66,46 @@ pub struct Config {
     /// How long shutdown waits for in-flight requests.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Fair share: connections one client (pod IP) may hold open at once.
+    pub client_max_connections: usize,
+    /// Fair share: requests from one client being answered at once.
+    pub client_max_requests: usize,
+    /// Fair share: requests per second one client may make, over time.
+    pub client_requests_per_second: f64,
+    /// Fair share: requests one client may make at once after a quiet spell.
+    pub client_burst: u32,
+}
+
+impl Config {
+    /// The first fair-share key with an unusable value, and why.
+    pub fn fair_share_problem(&self) -> Option<(&'static str, &'static str)> {
+        if self.client_max_connections == 0 {
+            Some(("imds.client_max_connections", "must be at least 1"))
+        } else if self.client_max_requests == 0 {
+            Some(("imds.client_max_requests", "must be at least 1"))
+        } else if !(self.client_requests_per_second.is_finite()
+            && self.client_requests_per_second > 0.0)
+        {
+            Some((
+                "imds.client_requests_per_second",
+                "must be a number above 0",
+            ))
+        } else if self.client_burst == 0 {
+            Some(("imds.client_burst", "must be at least 1"))
+        } else {
+            None
+        }
+    }
+
+    /// The fair-share bounds for one client.
+    pub fn client_limits(&self) -> ClientLimits {
+        ClientLimits {
+            max_connections: self.client_max_connections,
+            max_requests: self.client_max_requests,
+            requests_per_second: self.client_requests_per_second,
+            burst: self.client_burst,
+        }
+    }
 }
 
 impl Default for Config {
@@ -75,6 +120,10 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(30),
             max_connections: 4096,
             shutdown_grace: Duration::from_secs(5),
+            client_max_connections: 128,
+            client_max_requests: 64,
+            client_requests_per_second: 200.0,
+            client_burst: 1000,
         }
     }
 }
@@ -96,6 +145,10 @@ pub struct State<B> {
     pub upstream: Upstream,
     pub metrics: Metrics,
     pub request_timeout: Duration,
+    /// Wall time for tokens and documents.
+    pub clock: Arc<dyn Clock>,
+    /// Per-client bounds on connections, requests in flight and request rate.
+    pub fair_share: FairShare,
 }
 
 /// Serves pods on `listener` until `cancel` fires.
@@ -105,8 +158,13 @@ pub async fn serve<B: Broker>(
     limits: Limits,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    http_server::serve(listener, limits, cancel, move |remote, request| {
-        routes::handle(state.clone(), remote, request)
-    })
+    let fair_share = state.fair_share.clone();
+    http_server::serve_admitting(
+        listener,
+        limits,
+        cancel,
+        move |remote| fair_share.connection(remote.ip()).ok(),
+        move |remote, request| routes::handle(state.clone(), remote, request),
+    )
     .await
 }

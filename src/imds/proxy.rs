@@ -21,7 +21,9 @@ pub const DEFAULT_ALLOW: &[&str] = &[
 ];
 
 /// Path segments that are never proxied, whatever the allow-list says: the node's role and
-/// its credentials, its instance identity credentials, user-data, and the token API.
+/// its credentials, its instance identity credentials, user-data, and the token API. Compared
+/// without regard to case, so `IAM` or `User-Data` cannot slip past to an upstream that is
+/// lenient about case.
 const NEVER: &[&str] = &["iam", "identity-credentials", "user-data", "api"];
 
 /// Largest upstream body passed on.
@@ -75,7 +77,11 @@ impl Upstream {
     /// Whether a pod may read `path` from the node's IMDS.
     pub fn admits(&self, path: &str) -> bool {
         is_plain(path)
-            && !path.split('/').any(|segment| NEVER.contains(&segment))
+            && !path.split('/').any(|segment| {
+                NEVER
+                    .iter()
+                    .any(|never| never.eq_ignore_ascii_case(segment))
+            })
             && self.allow.is_match(path)
     }
 
@@ -269,6 +275,9 @@ mod tests {
             "/latest/meta-data/iam/security-credentials/node-role",
             "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
             "/latest/api/token",
+            "/latest/User-Data",
+            "/latest/meta-data/IAM/security-credentials/node-role",
+            "/latest/API/token",
             "/latest/meta-data/placement/../iam/info",
             "/latest/meta-data/placement/%2e%2e/iam/info",
             "/latest//meta-data",

@@ -7,29 +7,33 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{HeaderMap, Method, Request, Response, StatusCode};
 
+use super::fair_share::Limit;
 use super::{State, TokenPolicy, document, token};
 use crate::broker::{self, Broker};
 use crate::credentials;
+use crate::metrics::Metrics;
 
 const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 const TOKEN_TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
-const FORWARDED_FOR: &str = "x-forwarded-for";
+/// Headers that say a request came through a proxy (`Forwarded` is RFC 7239's form).
+const PROXY_HEADERS: [&str; 2] = ["x-forwarded-for", "forwarded"];
 
 const CREDENTIALS_PREFIX: &str = "/latest/meta-data/iam/security-credentials";
 
-/// What a request asks for; also its `route` label in logs and metrics.
+/// What a request asks for; also its `route` label in logs and metrics. Paths are taken as
+/// they are: never decoded or normalised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Route<'a> {
+pub enum Route<'a> {
     Token,
     Metadata(Metadata<'a>),
 }
 
 /// The metadata routes: GETs, behind the token check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Metadata<'a> {
+pub enum Metadata<'a> {
     Iam,
     RoleName,
     Credentials(&'a str),
@@ -38,7 +42,8 @@ enum Metadata<'a> {
 }
 
 impl<'a> Route<'a> {
-    fn of(path: &'a str) -> Route<'a> {
+    /// The route of a request for `path` (the URI's path, without the query).
+    pub fn of(path: &'a str) -> Route<'a> {
         let metadata = match path {
             "/latest/api/token" => return Route::Token,
             "/latest/meta-data/iam" | "/latest/meta-data/iam/" => Metadata::Iam,
@@ -55,7 +60,7 @@ impl<'a> Route<'a> {
         Route::Metadata(metadata)
     }
 
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Route::Token => "token",
             Route::Metadata(Metadata::Iam) => "iam",
@@ -102,14 +107,18 @@ pub async fn handle<B: Broker>(
     let ip = remote.ip().to_canonical();
     let path = request.uri().path();
     let route = Route::of(path);
-    let outcome = match tokio::time::timeout(
-        state.request_timeout,
-        dispatch(&state, ip, route, request.method(), request.headers()),
-    )
-    .await
-    {
-        Ok(outcome) => outcome,
-        Err(_) => Outcome::text(StatusCode::GATEWAY_TIMEOUT, "iamlet: request timed out\n"),
+    let _in_flight = InFlight::new(&state.metrics);
+    let outcome = match state.fair_share.request(ip) {
+        Ok(_ticket) => match tokio::time::timeout(
+            state.request_timeout,
+            dispatch(&state, ip, route, request.method(), request.headers()),
+        )
+        .await
+        {
+            Ok(outcome) => outcome,
+            Err(_) => Outcome::text(StatusCode::GATEWAY_TIMEOUT, "iamlet: request timed out\n"),
+        },
+        Err(limit) => over_share(limit),
     };
     let status = outcome.response.status().as_u16();
     let elapsed = started.elapsed();
@@ -156,18 +165,18 @@ async fn answer<B: Broker>(state: &State<B>, ip: IpAddr, metadata: Metadata<'_>)
             Ok(role) => {
                 Outcome::text(StatusCode::OK, "info\nsecurity-credentials/").for_pod(role.pod.key())
             }
-            Err(err) => broker_error(err),
+            Err(err) => broker_error(err, state.clock.now()),
         },
         Metadata::RoleName => match state.broker.role(ip).await {
             // Exactly the name: aws-sdk-rust fails on a trailing newline.
             Ok(role) => {
                 Outcome::text(StatusCode::OK, role.role.name().to_owned()).for_pod(role.pod.key())
             }
-            Err(err) => broker_error(err),
+            Err(err) => broker_error(err, state.clock.now()),
         },
         Metadata::Info => match state.broker.role(ip).await {
             Ok(role) => match role.role.arn() {
-                Some(arn) => Outcome::text(StatusCode::OK, document::info(arn, SystemTime::now()))
+                Some(arn) => Outcome::text(StatusCode::OK, document::info(arn, state.clock.now()))
                     .for_pod(role.pod.key()),
                 // Server-backed mode without aws.base_role_arn knows only the role's name.
                 None => Outcome::text(
@@ -176,14 +185,14 @@ async fn answer<B: Broker>(state: &State<B>, ip: IpAddr, metadata: Metadata<'_>)
                 )
                 .for_pod(role.pod.key()),
             },
-            Err(err) => broker_error(err),
+            Err(err) => broker_error(err, state.clock.now()),
         },
         Metadata::Credentials(name) => match state.broker.credentials(ip, name).await {
             Ok((role, credentials)) => {
                 Outcome::text(StatusCode::OK, document::credentials(&credentials))
                     .for_pod(role.pod.key())
             }
-            Err(err) => broker_error(err),
+            Err(err) => broker_error(err, state.clock.now()),
         },
         Metadata::Upstream(path) => proxy(state, path).await,
     }
@@ -191,17 +200,13 @@ async fn answer<B: Broker>(state: &State<B>, ip: IpAddr, metadata: Metadata<'_>)
 
 fn issue_token<B>(state: &State<B>, ip: IpAddr, headers: &HeaderMap) -> Outcome {
     // EC2 refuses token requests that passed through a proxy, so tokens never leave the host.
-    if headers.contains_key(FORWARDED_FOR) {
+    if PROXY_HEADERS.iter().any(|name| headers.contains_key(*name)) {
         return Outcome::text(
             StatusCode::FORBIDDEN,
-            "iamlet: token requests carrying X-Forwarded-For are refused\n",
+            "iamlet: token requests carrying X-Forwarded-For or Forwarded are refused\n",
         );
     }
-    let ttl = headers
-        .get(TOKEN_TTL_HEADER)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.trim().parse::<u64>().ok())
-        .filter(|ttl| token::TTL_RANGE.contains(ttl));
+    let ttl = token_ttl(headers);
     let Some(ttl) = ttl else {
         return Outcome::text(
             StatusCode::BAD_REQUEST,
@@ -214,7 +219,7 @@ fn issue_token<B>(state: &State<B>, ip: IpAddr, headers: &HeaderMap) -> Outcome 
     };
     let minted = state
         .tokens
-        .mint(ip, Duration::from_secs(ttl), SystemTime::now());
+        .mint(ip, Duration::from_secs(ttl), state.clock.now());
     let mut outcome = Outcome::text(StatusCode::OK, minted);
     // aws-sdk-rust refuses a token whose answer does not repeat the TTL.
     outcome
@@ -224,13 +229,29 @@ fn issue_token<B>(state: &State<B>, ip: IpAddr, headers: &HeaderMap) -> Outcome 
     outcome
 }
 
+/// The requested token lifetime: exactly one TTL header, plain decimal digits (no sign, no
+/// exponent), within EC2's range; `None` for anything else.
+fn token_ttl(headers: &HeaderMap) -> Option<u64> {
+    let mut values = headers.get_all(TOKEN_TTL_HEADER).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return None;
+    };
+    let text = value.to_str().ok()?.trim();
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse::<u64>()
+        .ok()
+        .filter(|ttl| token::TTL_RANGE.contains(ttl))
+}
+
 /// Whether the request may proceed; the reason for a 401 when not.
 fn check_token<B>(state: &State<B>, ip: IpAddr, headers: &HeaderMap) -> Result<(), &'static str> {
     match headers.get(TOKEN_HEADER) {
         Some(value) => {
             let valid = value
                 .to_str()
-                .is_ok_and(|token| state.tokens.verify(token, ip, SystemTime::now()));
+                .is_ok_and(|token| state.tokens.verify(token, ip, state.clock.now()));
             if valid {
                 Ok(())
             } else {
@@ -263,6 +284,42 @@ async fn proxy<B>(state: &State<B>, path: &str) -> Outcome {
     }
 }
 
+/// Counts a request in `iamlet_imds_requests_in_flight` for as long as it lives, including
+/// when the client hangs up and the request is dropped.
+struct InFlight<'a>(&'a Metrics);
+
+impl<'a> InFlight<'a> {
+    fn new(metrics: &'a Metrics) -> Self {
+        metrics.track_in_flight(1);
+        InFlight(metrics)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.track_in_flight(-1);
+    }
+}
+
+/// The client is over its fair share: 503 with `Retry-After`, which SDKs' IMDS clients retry
+/// (several retry 5xx but not 429).
+fn over_share(limit: Limit) -> Outcome {
+    let what = match limit {
+        Limit::Connections => "connections",
+        Limit::Requests => "requests at once",
+        Limit::Rate => "requests per second",
+    };
+    let mut outcome = Outcome::text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("iamlet: too many {what} from this address; retry shortly\n"),
+    );
+    outcome
+        .response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    outcome
+}
+
 fn method_not_allowed(allow: &'static str) -> Outcome {
     let mut outcome = Outcome::text(
         StatusCode::METHOD_NOT_ALLOWED,
@@ -277,7 +334,7 @@ fn method_not_allowed(allow: &'static str) -> Outcome {
 
 /// The one place where broker errors become answers, and where the ones an operator acts on
 /// are logged above `debug`.
-fn broker_error(err: broker::Error) -> Outcome {
+fn broker_error(err: broker::Error, now: SystemTime) -> Outcome {
     use broker::Error;
     match err {
         Error::UnknownPod(_) => Outcome::text(
@@ -306,10 +363,7 @@ fn broker_error(err: broker::Error) -> Outcome {
         }
         Error::Credentials(ref source @ credentials::Error::Refused { ref message, .. }) => {
             tracing::warn!(error = %source, "STS refused AssumeRole");
-            Outcome::text(
-                StatusCode::OK,
-                document::unauthorized(message, SystemTime::now()),
-            )
+            Outcome::text(StatusCode::OK, document::unauthorized(message, now))
         }
         Error::Stale { .. } => {
             tracing::debug!(error = %err, "refused: the view of pods is stale");

@@ -164,7 +164,7 @@ mod tests {
     #[test]
     fn token_is_bound_to_ip_and_expiry() {
         let key = TokenKey::random();
-        let now = SystemTime::now();
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let token = key.mint(POD, Duration::from_secs(60), now);
         assert!(key.verify(&token, POD, now));
         assert!(key.verify(&token, POD, now + Duration::from_secs(59)));
@@ -176,7 +176,7 @@ mod tests {
     #[test]
     fn tampered_or_garbage_tokens_fail() {
         let key = TokenKey::random();
-        let now = SystemTime::now();
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let token = key.mint(POD, Duration::from_secs(60), now);
         let mut bytes = URL_SAFE_NO_PAD.decode(&token).expect("base64");
         // Push the expiry a day out: the tag no longer matches.
@@ -195,7 +195,7 @@ mod tests {
         let mode = fs::metadata(&path).expect("metadata").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         let again = TokenKey::load_or_create(&path).expect("loaded");
-        let now = SystemTime::now();
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let token = first.mint(POD, Duration::from_secs(60), now);
         assert!(again.verify(&token, POD, now));
     }

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 use super::client::{CallError, KiamClient};
 use super::proto;
 use crate::broker::{Broker, Error, FirstServed, PodRole, PodStatus, Role};
+use crate::clock::{Clock, SystemClock};
 use crate::credentials::{self, Credentials, Trouble};
 use crate::pod::Pod;
 use crate::policy::{BaseRoleArn, Denial, RoleArn};
@@ -19,6 +20,7 @@ type Key = (IpAddr, String);
 
 struct UntilRefresh {
     refresh_before: Duration,
+    clock: Arc<dyn Clock>,
 }
 
 impl moka::Expiry<Key, Arc<Credentials>> for UntilRefresh {
@@ -30,7 +32,7 @@ impl moka::Expiry<Key, Arc<Credentials>> for UntilRefresh {
     ) -> Option<Duration> {
         Some(
             value
-                .remaining(SystemTime::now())
+                .remaining(self.clock.now())
                 .saturating_sub(self.refresh_before),
         )
     }
@@ -41,6 +43,7 @@ pub struct KiamBroker {
     base_role_arn: Option<BaseRoleArn>,
     cache: moka::future::Cache<Key, Arc<Credentials>>,
     served: FirstServed,
+    clock: Arc<dyn Clock>,
 }
 
 impl KiamBroker {
@@ -49,15 +52,29 @@ impl KiamBroker {
         base_role_arn: Option<BaseRoleArn>,
         refresh_before: Duration,
     ) -> KiamBroker {
+        Self::with_clock(client, base_role_arn, refresh_before, Arc::new(SystemClock))
+    }
+
+    /// As [`KiamBroker::new`], telling time by `clock`.
+    pub fn with_clock(
+        client: KiamClient,
+        base_role_arn: Option<BaseRoleArn>,
+        refresh_before: Duration,
+        clock: Arc<dyn Clock>,
+    ) -> KiamBroker {
         let cache = moka::future::Cache::builder()
             .max_capacity(100_000)
-            .expire_after(UntilRefresh { refresh_before })
+            .expire_after(UntilRefresh {
+                refresh_before,
+                clock: clock.clone(),
+            })
             .build();
         KiamBroker {
             client,
             base_role_arn,
             cache,
             served: FirstServed::default(),
+            clock,
         }
     }
 
@@ -122,7 +139,7 @@ impl Broker for KiamBroker {
         // Ask with the role as the server stated it, as kiam agents do.
         let fetch = async {
             match self.client.pod_credentials(ip, &annotated).await {
-                Ok(answer) => to_credentials(&role.role, answer).map(Arc::new),
+                Ok(answer) => to_credentials(&role.role, answer, self.clock.now()).map(Arc::new),
                 Err(CallError::Forbidden) => Err(Error::Forbidden {
                     pod: role.pod.key(),
                     denial: Denial::ByServer,
@@ -168,7 +185,11 @@ impl Broker for KiamBroker {
 }
 
 /// The server's answer as credentials; anything but `Success` is a refusal, as from STS.
-fn to_credentials(role: &Role, answer: proto::Credentials) -> Result<Credentials, Error> {
+fn to_credentials(
+    role: &Role,
+    answer: proto::Credentials,
+    now: SystemTime,
+) -> Result<Credentials, Error> {
     if answer.code != "Success" {
         return Err(Error::Credentials(credentials::Error::Refused {
             role: role.to_string(),
@@ -194,6 +215,6 @@ fn to_credentials(role: &Role, answer: proto::Credentials) -> Result<Credentials
         secret_access_key: answer.secret_access_key,
         session_token: answer.token,
         expiration,
-        last_updated: parse(&answer.last_updated).unwrap_or_else(|_| SystemTime::now()),
+        last_updated: parse(&answer.last_updated).unwrap_or(now),
     })
 }

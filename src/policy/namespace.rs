@@ -75,7 +75,11 @@ impl NamespacePolicy {
     pub fn from_annotation(annotation: Option<&str>) -> NamespacePolicy {
         match annotation {
             None => NamespacePolicy::Unannotated,
-            Some(pattern) => match regex::Regex::new(&format!("^(?:{pattern})$")) {
+            // The pattern must be a regex on its own before it is anchored: `a)|(?:.*` would
+            // otherwise close the anchoring group and permit every role.
+            Some(pattern) => match regex::Regex::new(pattern)
+                .and_then(|_| regex::Regex::new(&format!("^(?:{pattern})$")))
+            {
                 Ok(regex) => NamespacePolicy::Permits(regex),
                 Err(err) => NamespacePolicy::Invalid {
                     pattern: pattern.to_owned(),
@@ -165,6 +169,14 @@ mod tests {
             .expect_err("denied");
         assert_eq!(denial.reason(), "invalid_pattern");
         assert!(denial.to_string().contains("(unclosed"));
+    }
+
+    #[test]
+    fn a_pattern_cannot_break_out_of_its_anchors() {
+        // Anchored naively as ^(?:a)|(?:.*)$, this would permit every role.
+        let policy = NamespacePolicy::from_annotation(Some("a)|(?:.*"));
+        assert!(matches!(policy, NamespacePolicy::Invalid { .. }));
+        assert!(policy.decide("shop", &arn("admin"), false).is_err());
     }
 
     #[test]

@@ -143,7 +143,7 @@ impl KiamService for Service {
             expiration: format(
                 SystemTime::try_from(c.expiration).unwrap_or(SystemTime::UNIX_EPOCH),
             ),
-            last_updated: format(SystemTime::now()),
+            last_updated: format(super::wall_clock()),
         }))
     }
 

@@ -386,10 +386,16 @@ async fn handle(
             .expect("response");
     }
     // A list.
+    let mut noted_hold = false;
     loop {
         let held = {
             let mut s = state.lock().expect("state");
             let held = kind == Kind::Namespaces && s.hold_namespace_list;
+            if held && !noted_hold {
+                // So a test can see the list was asked for and is being held.
+                s.requests.push(format!("HELD LIST {what}"));
+                noted_hold = true;
+            }
             if !held {
                 s.requests.push(format!("LIST {what}"));
                 let items: Vec<Value> = match kind {

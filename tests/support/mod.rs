@@ -61,6 +61,39 @@ pub fn peer_program(name: &str) -> PathBuf {
     on_path.unwrap_or_else(|| panic!("{name} not found: run `bash .ci/setup` first"))
 }
 
+/// Records that the calling test cannot run here and is skipping, saying why. Under `CI` a
+/// skip is a failure. `.ci/test` sets `IAMLET_SKIPPED` to a file where each skip leaves a line,
+/// so its summary counts the test as skipped rather than passed.
+pub fn skip(reason: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "in CI this test must run: {reason}"
+    );
+    eprintln!("skipped: {reason}");
+    if let Some(path) = std::env::var_os("IAMLET_SKIPPED") {
+        use std::io::Write;
+        let line = format!(
+            "{}: {reason}\n",
+            std::thread::current().name().unwrap_or("?")
+        );
+        let _ = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .and_then(|mut file| file.write_all(line.as_bytes()));
+    }
+}
+
+/// The wall clock, for comparing with times that a separate process (iamlet, a fake server)
+/// wrote. iamlet's own code takes an injected clock; clippy refuses `SystemTime::now` elsewhere.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "tests compare with times another process read from the same wall clock"
+)]
+pub fn wall_clock() -> std::time::SystemTime {
+    std::time::SystemTime::now()
+}
+
 /// Polls `check` until it holds, for at most `within`: watch events, refreshes and restarts
 /// take a moment to show. Panics naming `what` if it never does.
 pub async fn eventually<F: std::future::Future<Output = bool>>(

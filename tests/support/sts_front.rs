@@ -1,7 +1,8 @@
 //! A front for moto's STS that counts AssumeRole calls per role and plays the parts moto
 //! cannot: it refuses roles whose ARN contains `denied` (403 AccessDenied, as STS answers) and
 //! answers roles containing `slow` or `stall` only after a delay. Everything else is passed to
-//! moto as is.
+//! moto as is. On demand it puts all of STS in trouble ([`Fault`]): 5xx, throttling, refusals,
+//! dropped connections, slowness, and expired credentials of iamlet's own.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,13 +23,21 @@ pub const SLOW: Duration = Duration::from_millis(1500);
 /// How long a `stall` role's AssumeRole is held back: longer than any test waits.
 pub const STALL: Duration = Duration::from_secs(10);
 
-/// Trouble the front can put STS in.
+/// Trouble the front can put STS in, for every AssumeRole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// 503 ServiceUnavailable.
     ServerError,
     /// 400 Throttling, as STS answers when over its rate.
     Throttling,
+    /// 403 AccessDenied: the role may not be assumed.
+    AccessDenied,
+    /// The connection is dropped with the request read and no answer sent.
+    Reset,
+    /// Answers, but only after [`SLOW`].
+    Slow,
+    /// 400 ExpiredToken: the caller's (iamlet's own) credentials have expired.
+    ExpiredToken,
 }
 
 #[derive(Default)]
@@ -127,6 +136,20 @@ pub fn start(bind: SocketAddr, moto: SocketAddr) -> StsFront {
                     Some(Fault::Throttling) => {
                         return sts_error(400, "Throttling", "Rate exceeded");
                     }
+                    Some(Fault::AccessDenied) => return access_denied(&arn),
+                    Some(Fault::ExpiredToken) => {
+                        return sts_error(
+                            400,
+                            "ExpiredToken",
+                            "The security token included in the request is expired",
+                        );
+                    }
+                    Some(Fault::Reset) => {
+                        // Ends the connection's task without an answer (and without the
+                        // panic hook's noise): the client sees the connection close mid-call.
+                        std::panic::resume_unwind(Box::new("connection reset by the STS front"));
+                    }
+                    Some(Fault::Slow) => tokio::time::sleep(SLOW).await,
                     None => {}
                 }
                 if arn.contains("denied") {

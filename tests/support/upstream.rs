@@ -10,6 +10,9 @@ use super::server;
 
 pub const NODE_SECRET: &str = "NODE-SECRET-KEY-never-for-pods";
 pub const USER_DATA: &str = "#!/bin/sh\necho node bootstrap secret";
+/// A path the fake answers only after [`SLOW_DELAY`], for requests that must be in flight.
+pub const SLOW_PATH: &str = "/latest/meta-data/ami-id";
+pub const SLOW_DELAY: std::time::Duration = std::time::Duration::from_millis(1500);
 
 #[derive(Debug, Clone)]
 pub struct Seen {
@@ -78,7 +81,13 @@ pub fn start_at(bind: SocketAddr) -> FakeImds {
             }
             (_, path) => server::reply(200, "text/plain", format!("upstream:{path}")),
         };
-        async move { response }
+        let slow = path == SLOW_PATH;
+        async move {
+            if slow {
+                tokio::time::sleep(SLOW_DELAY).await;
+            }
+            response
+        }
     });
     FakeImds { addr, seen }
 }

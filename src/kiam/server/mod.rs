@@ -187,6 +187,7 @@ impl Server {
                 crate::status::serve(
                     listener,
                     Arc::new(move || broker.status()),
+                    Arc::new(crate::clock::SystemClock),
                     supervisor.cancel(),
                 ),
             );
