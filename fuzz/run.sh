@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs one fuzz target for a bounded time on the pinned stable toolchain:
-#   bash fuzz/run.sh TARGET SECONDS      (TARGET: route, token, role_arn, namespace_policy, or all)
+#   bash fuzz/run.sh TARGET SECONDS      (TARGET: route, token, role_arn, namespace_policy, jwt, or all)
 # libFuzzer (from the libfuzzer-sys crate) drives the target; coverage comes from rustc's
 # stable -C passes=sancov-module instrumentation, so neither nightly nor cargo-fuzz is needed.
 # New inputs that add coverage are merged into fuzz/corpus/TARGET (kept small: at most 4 KiB
@@ -11,7 +11,7 @@ cd "$(dirname "$0")"
 target=${1:?usage: fuzz/run.sh TARGET SECONDS}
 seconds=${2:?usage: fuzz/run.sh TARGET SECONDS}
 if [ "$target" = all ]; then
-  for t in route token role_arn namespace_policy; do bash "$0" "$t" "$seconds"; done
+  for t in route token role_arn namespace_policy jwt; do bash "$0" "$t" "$seconds"; done
   exit 0
 fi
 triple=$(rustc -vV | sed -n 's/^host: //p')

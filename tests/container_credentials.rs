@@ -263,7 +263,7 @@ async fn bad_tokens_and_bad_requests_get_clear_refusals_and_no_credentials() {
             .expect("openssl");
         String::from_utf8(out.stdout).expect("pem")
     };
-    let now = SystemTime::now();
+    let now = support::wall_clock();
     let cases: Vec<(&str, String, &str)> = vec![
         // Signed by someone else under the cluster's key id.
         (

@@ -389,7 +389,7 @@ fn every_sdk_gets_its_own_pods_role_by_token_through_iamlets_rules() {
         let good = std::fs::read_to_string(file("boto3")).expect("token");
         let cluster_key =
             std::fs::read_to_string(apiserver::shared().signing_key()).expect("sa.key");
-        let now = SystemTime::now();
+        let now = support::wall_clock();
         let boto3_uid = Api::<Pod>::namespaced(admin.clone(), NS)
             .get("boto3")
             .await
