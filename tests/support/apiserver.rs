@@ -336,7 +336,11 @@ impl ApiServer {
              current-context: test\n",
             url
         );
-        std::fs::write(&path, text).expect("kubeconfig");
+        // Whole or not at all: tests running at once write the same file, and a client that
+        // read it half-written would find no current context.
+        let partial = tempfile::NamedTempFile::new_in(&self.dir).expect("tempfile");
+        std::fs::write(partial.path(), text).expect("kubeconfig");
+        partial.persist(&path).expect("kubeconfig");
         path
     }
 
