@@ -92,8 +92,12 @@ impl Outcome {
         Outcome::json(status, document::error(code, message), code)
     }
 
-    fn for_pod(mut self, pod: &BoundPod) -> Outcome {
-        self.pod = Some(pod.key());
+    fn for_pod(self, pod: &BoundPod) -> Outcome {
+        self.with_pod(pod.key())
+    }
+
+    fn with_pod(mut self, pod: String) -> Outcome {
+        self.pod = Some(pod);
         self
     }
 }
@@ -149,13 +153,6 @@ where
         "container credentials request"
     );
     outcome.response
-}
-
-impl Outcome {
-    fn with_pod(mut self, pod: String) -> Outcome {
-        self.pod = Some(pod);
-        self
-    }
 }
 
 async fn answer<P, S, C, K>(
