@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs one fuzz target for a bounded time on the pinned stable toolchain:
-#   bash fuzz/run.sh TARGET SECONDS      (TARGET: route, token, role_arn, namespace_policy, or all;
-#                                          SECONDS=0 only replays and prunes the kept corpus)
+#   bash fuzz/run.sh TARGET SECONDS      (TARGET: route, token, role_arn, namespace_policy, jwt,
+#                                          or all; SECONDS=0 only replays and prunes the corpus)
 # libFuzzer (from the libfuzzer-sys crate) drives the target; coverage comes from rustc's
 # stable -C passes=sancov-module instrumentation, so neither nightly nor cargo-fuzz is needed.
 # New inputs that add coverage are merged into fuzz/corpus/TARGET, kept small (below); a crash
@@ -14,7 +14,7 @@ cd "$(dirname "$self")"
 target=${1:?usage: fuzz/run.sh TARGET SECONDS}
 seconds=${2:?usage: fuzz/run.sh TARGET SECONDS}
 if [ "$target" = all ]; then
-  for t in route token role_arn namespace_policy; do bash "$self" "$t" "$seconds"; done
+  for t in route token role_arn namespace_policy jwt; do bash "$self" "$t" "$seconds"; done
   exit 0
 fi
 triple=$(rustc -vV | sed -n 's/^host: //p')

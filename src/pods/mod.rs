@@ -149,6 +149,17 @@ pub trait PodLookup: Send + Sync + 'static {
     fn snapshot(&self) -> Vec<Arc<Pod>>;
     /// Every pod the source knows, servable or not (for `iamlet status`).
     fn known(&self) -> Vec<Known>;
+    /// The pod with uid `uid`, whatever its network or IP, waiting briefly for the watch to
+    /// bring a new one (the token front, which knows pods by a verified token). Only the
+    /// Kubernetes source knows pods by uid.
+    fn lookup_uid(&self, _uid: &str) -> impl Future<Output = Option<Known>> + Send {
+        std::future::ready(None)
+    }
+    /// Every pod that a pod-bound token could be served for: not finished, whatever its
+    /// network or IP (for prefetching when the token front is on).
+    fn live(&self) -> Vec<Arc<Pod>> {
+        self.snapshot()
+    }
     /// The view's age, when it is too old to answer from (`pods.when_stale = "refuse"`).
     fn too_stale(&self) -> Option<Duration> {
         None
@@ -186,6 +197,14 @@ impl PodLookup for KubernetesPods {
 
     fn known(&self) -> Vec<Known> {
         self.index.known()
+    }
+
+    async fn lookup_uid(&self, uid: &str) -> Option<Known> {
+        self.index.find_uid(uid, self.wait_for_pod).await
+    }
+
+    fn live(&self) -> Vec<Arc<Pod>> {
+        self.index.live()
     }
 
     fn too_stale(&self) -> Option<Duration> {
@@ -243,6 +262,20 @@ impl PodLookup for PodSource {
         match self {
             PodSource::Kubernetes(pods) => pods.known(),
             PodSource::Static(pods) => pods.known(),
+        }
+    }
+
+    async fn lookup_uid(&self, uid: &str) -> Option<Known> {
+        match self {
+            PodSource::Kubernetes(pods) => pods.lookup_uid(uid).await,
+            PodSource::Static(pods) => pods.lookup_uid(uid).await,
+        }
+    }
+
+    fn live(&self) -> Vec<Arc<Pod>> {
+        match self {
+            PodSource::Kubernetes(pods) => pods.live(),
+            PodSource::Static(pods) => pods.live(),
         }
     }
 

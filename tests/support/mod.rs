@@ -16,6 +16,7 @@ pub mod rust_sdk;
 pub mod server;
 pub mod sts_front;
 pub mod upstream;
+pub mod wired;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
