@@ -7,6 +7,7 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::sync::OnceLock;
 use std::time::{Duration, UNIX_EPOCH};
 
+use iamlet::container_credentials::jwt::{self, Expected, KeySet};
 use iamlet::imds::{DEFAULT_ALLOW, Metadata, Route, TokenKey, Upstream};
 use iamlet::policy::{BaseRoleArn, NamespacePolicy, RoleArn};
 
@@ -19,6 +20,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("token", token),
     ("role_arn", role_arn),
     ("namespace_policy", namespace_policy),
+    ("jwt", service_account_token),
 ];
 
 const CREDENTIALS_PREFIX: &str = "/latest/meta-data/iam/security-credentials";
@@ -196,6 +198,74 @@ pub fn namespace_policy(data: &[u8]) {
         assert!(
             whole.is_match(role.as_str()),
             "{pattern:?} permitted {role}"
+        );
+    }
+}
+
+/// A cluster's key set and a token it signed for a pod (valid at the returned time), made once
+/// from the unit tests' RSA key.
+fn cluster() -> &'static (KeySet, String, std::time::SystemTime) {
+    static CLUSTER: OnceLock<(KeySet, String, std::time::SystemTime)> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        use base64::Engine;
+        use ring::signature::{RSA_PKCS1_SHA256, RsaKeyPair, RsaPublicKeyComponents};
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        let key = RsaKeyPair::from_pkcs8(include_bytes!(
+            "../src/container_credentials/testdata/rsa-cluster.pk8"
+        ))
+        .expect("test key");
+        let public: RsaPublicKeyComponents<Vec<u8>> = key.public().into();
+        let jwks = format!(
+            r#"{{"keys":[{{"kty":"RSA","kid":"k1","alg":"RS256","use":"sig","n":"{}","e":"{}"}}]}}"#,
+            b64(&public.n),
+            b64(&public.e)
+        );
+        let keys = KeySet::parse(jwks.as_bytes()).expect("key set");
+        let claims = r#"{"aud":["iamlet"],"exp":1700003600,"iat":1700000000,"nbf":1700000000,"iss":"https://kubernetes.default.svc","sub":"system:serviceaccount:shop:web","kubernetes.io":{"namespace":"shop","pod":{"name":"web-0","uid":"u-1"},"serviceaccount":{"name":"web","uid":"s-1"}}}"#;
+        let input = format!("{}.{}", b64(br#"{"alg":"RS256","kid":"k1"}"#), b64(claims.as_bytes()));
+        let mut signature = vec![0; key.public().modulus_len()];
+        key.sign(
+            &RSA_PKCS1_SHA256,
+            &ring::rand::SystemRandom::new(),
+            input.as_bytes(),
+            &mut signature,
+        )
+        .expect("sign");
+        let token = format!("{input}.{}", b64(&signature));
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_100);
+        (keys, token, now)
+    })
+}
+
+/// Service-account token verification (the token front): arbitrary text is never a token of
+/// the cluster's, and no change at all to a token the cluster signed is accepted.
+pub fn service_account_token(data: &[u8]) {
+    let (keys, token, now) = cluster();
+    let expected = Expected {
+        issuer: "https://kubernetes.default.svc",
+        audience: "iamlet",
+    };
+    assert!(
+        jwt::verify(token, keys, expected, *now).is_ok(),
+        "the cluster's own token"
+    );
+    let text = String::from_utf8_lossy(data);
+    assert!(
+        jwt::verify(&text, keys, expected, *now).is_err(),
+        "arbitrary text accepted: {text:?}"
+    );
+    // The data as (position, mask) triples applied to the cluster's token.
+    let mut changed = token.as_bytes().to_vec();
+    for triple in data.chunks_exact(3) {
+        let at = usize::from(u16::from_be_bytes([triple[0], triple[1]])) % changed.len();
+        changed[at] ^= triple[2];
+    }
+    if let Ok(changed) = String::from_utf8(changed)
+        && changed != *token
+    {
+        assert!(
+            jwt::verify(&changed, keys, expected, *now).is_err(),
+            "a changed token accepted: {changed:?}"
         );
     }
 }

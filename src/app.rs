@@ -11,12 +11,16 @@ use tokio::net::TcpListener;
 
 use crate::admin;
 use crate::broker::Broker;
+use crate::clock::SystemClock;
 use crate::config::Config;
+use crate::container_credentials;
+use crate::credentials::StsSource;
 use crate::http_server::Limits;
 use crate::imds::{self, TokenKey, Upstream};
 use crate::iptables::{self, Interception};
 use crate::metrics::Metrics;
 use crate::mode::{self, Background, Mode};
+use crate::pods::PodSource;
 use crate::status;
 use crate::supervisor::{Supervisor, TaskExited};
 
@@ -42,7 +46,12 @@ pub enum BuildError {
     Iptables(#[source] iptables::Error),
     #[error(transparent)]
     Status(#[from] status::Error),
+    #[error("container_credentials.enabled needs standalone mode with the Kubernetes pod source")]
+    TokenFrontMode,
 }
+
+/// The token front as the agent runs it.
+type TokenFront = container_credentials::Front<PodSource, StsSource, SystemClock>;
 
 pub struct App {
     imds_listener: TcpListener,
@@ -52,6 +61,7 @@ pub struct App {
     metrics: Metrics,
     limits: Limits,
     interception: Option<(Interception, iptables::Config)>,
+    token_front: Option<TokenFront>,
     background: Background,
     events_instance: String,
 }
@@ -63,6 +73,17 @@ impl App {
         let imds_listener = bind("imds.listen", config.imds.listen).await?;
         let admin_listener = bind("admin.listen", config.admin.listen).await?;
         let status_listener = bind_status(&config.admin).await?;
+        let token_listener = if config.container_credentials.enabled {
+            Some(
+                bind(
+                    "container_credentials.listen",
+                    config.container_credentials.listen,
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
         let tokens =
             TokenKey::load_or_create(&config.imds.token_key_file).map_err(BuildError::TokenKey)?;
         let upstream = Upstream::new(
@@ -74,6 +95,18 @@ impl App {
 
         let metrics = Metrics::default();
         let (broker, background) = Mode::build(&config, &upstream, &metrics).await?;
+        let token_front = match (token_listener, &broker, background.kubernetes_client()) {
+            (None, _, _) => None,
+            (Some(listener), Mode::Standalone(local), Some(client)) => Some(TokenFront::new(
+                &config.container_credentials,
+                listener,
+                local.clone(),
+                client,
+                metrics.clone(),
+                config.imds.request_timeout,
+            )),
+            (Some(_), _, _) => return Err(BuildError::TokenFrontMode),
+        };
         let state = Arc::new(imds::State {
             broker,
             tokens,
@@ -96,11 +129,14 @@ impl App {
                 reason = selection.reason.as_str(),
                 "iptables backend chosen"
             );
-            let rule = Interception::new(
+            let mut rule = Interception::new(
                 selection.backend,
                 &config.iptables.host_interface,
                 local_addr(&imds_listener),
             );
+            if let Some(front) = &token_front {
+                rule = rule.with_token_front(front.addr());
+            }
             let ensured = rule.clone();
             blocking(move || ensured.ensure())
                 .await
@@ -108,6 +144,7 @@ impl App {
             tracing::info!(
                 host_interface = config.iptables.host_interface.as_str(),
                 target = %local_addr(&imds_listener),
+                container_credentials = ?token_front.as_ref().map(TokenFront::addr),
                 backend = selection.backend.name(),
                 "interception rule installed"
             );
@@ -118,6 +155,7 @@ impl App {
         Ok(App {
             background,
             interception,
+            token_front,
             imds_listener,
             admin_listener,
             status_listener,
@@ -137,6 +175,11 @@ impl App {
         local_addr(&self.imds_listener)
     }
 
+    /// The bound token front address, when it is enabled.
+    pub fn container_credentials_addr(&self) -> Option<SocketAddr> {
+        self.token_front.as_ref().map(TokenFront::addr)
+    }
+
     /// The bound admin address.
     pub fn admin_addr(&self) -> SocketAddr {
         local_addr(&self.admin_listener)
@@ -146,7 +189,14 @@ impl App {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), TaskExited> {
         let supervisor = Supervisor::default();
         let state = self.state.clone();
-        let readiness: admin::Readiness = Arc::new(move || state.broker.readiness());
+        let keys_ready = self.token_front.as_ref().map(TokenFront::readiness);
+        let readiness: admin::Readiness = Arc::new(move || {
+            let view = state.broker.readiness()?;
+            match &keys_ready {
+                Some(keys_ready) => keys_ready().map(|()| view),
+                None => Ok(view),
+            }
+        });
         supervisor.spawn(
             "imds server",
             imds::serve(
@@ -177,6 +227,9 @@ impl App {
                     supervisor.cancel(),
                 ),
             );
+        }
+        if let Some(front) = self.token_front {
+            front.spawn(&supervisor, self.limits);
         }
         self.background.spawn(&supervisor, self.events_instance);
         if let Some((rule, config)) = self.interception.clone() {

@@ -6,6 +6,10 @@
 //!   prefetching cache. The standalone agent uses it for its node's pods; `iamlet server` uses
 //!   the same one for the whole cluster's pods behind the kiam protocol.
 //! - the kiam client's broker (`kiam::KiamBroker`), which asks a remote server.
+//!
+//! The token front (`container_credentials`) knows pods by token, not IP, so it uses
+//! [`Local`] directly: [`Local::pod_by_uid`], then [`Local::role_of`] and
+//! [`Local::credentials_for`], the same policy and cache as the IP path.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -20,7 +24,7 @@ use crate::credentials::{self, AssumeRoleRequest, Cache, CredentialSource, Crede
 use crate::metrics::Metrics;
 use crate::pod::Pod;
 use crate::pods::events::{DenialSender, Denied};
-use crate::pods::{PodLookup, Standing};
+use crate::pods::{Known, PodLookup, Standing};
 use crate::policy::{self, Policy, Refusal, RoleArn};
 
 /// The prefetcher syncs the cache at most once in this long: a change after a quiet spell is
@@ -184,6 +188,17 @@ pub struct Local<P, S, C> {
     /// Denials logged lately, by (pod uid, role): an SDK retrying a denied role is logged once
     /// per `events::INTERVAL`, and counted every time.
     denials_logged: moka::sync::Cache<(String, String), ()>,
+    /// Which pods the cache is prefetched for.
+    prefetch: Prefetch,
+}
+
+/// Which pods could be asking for credentials, and so have them prefetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Prefetch {
+    /// Pods on the pod network, with their IP or still waiting for it (the IMDS front).
+    Addressable,
+    /// Every live pod, also on the host network or in an IP conflict (the token front too).
+    Live,
 }
 
 impl<P: PodLookup, S: CredentialSource, C: Clock> Local<P, S, C> {
@@ -207,7 +222,24 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Local<P, S, C> {
                 .max_capacity(100_000)
                 .time_to_live(crate::pods::events::INTERVAL)
                 .build(),
+            prefetch: Prefetch::Addressable,
         }
+    }
+
+    /// Prefetches for every live pod, not only those that own their IP: with the token front,
+    /// host-network pods and pods in an IP conflict can be served too.
+    pub fn prefetch_every_live_pod(&mut self) {
+        self.prefetch = Prefetch::Live;
+    }
+
+    /// The pod with uid `uid` among this source's pods (the agent's: this node's), whatever
+    /// its network or IP, waiting briefly for the watch to bring a new one; none while the view
+    /// of pods is too old to trust. For the token front, which knows pods by a verified token.
+    pub async fn pod_by_uid(&self, uid: &str) -> Result<Option<Known>, Error> {
+        if let Some(age) = self.pods.too_stale() {
+            return Err(Error::Stale { age });
+        }
+        Ok(self.pods.lookup_uid(uid).await)
     }
 
     /// The pod that owns `ip`, waiting briefly for the watch to bring a new one; none while
@@ -307,11 +339,14 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Local<P, S, C> {
         }
     }
 
-    /// The identities that the live pods will ask for, those still waiting for an IP too.
+    /// The identities that the pods which may ask will ask for (pods still waiting for their
+    /// IP too).
     fn wanted(&self) -> HashSet<AssumeRoleRequest> {
-        self.pods
-            .snapshot()
-            .into_iter()
+        let pods = match self.prefetch {
+            Prefetch::Addressable => self.pods.snapshot(),
+            Prefetch::Live => self.pods.live(),
+        };
+        pods.into_iter()
             .filter_map(|pod| {
                 let namespace = self.pods.namespace_policy(&pod.namespace);
                 let role = self.policy.role_for(&pod, namespace.as_deref()).ok()?;

@@ -12,7 +12,9 @@ use figment::providers::{Format, Serialized, Toml};
 use figment::value::{Dict, Value};
 use serde::{Deserialize, Serialize};
 
-use crate::{admin, credentials, imds, iptables, kiam, pods, policy, telemetry};
+use crate::{
+    admin, container_credentials, credentials, imds, iptables, kiam, pods, policy, telemetry,
+};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -27,6 +29,8 @@ pub struct Config {
     pub kiam: kiam::Config,
     /// `iamlet server` only.
     pub server: kiam::server::Config,
+    /// The token front.
+    pub container_credentials: container_credentials::Config,
     pub log: telemetry::Config,
 }
 
@@ -163,6 +167,68 @@ impl Config {
         self.validate_iptables()?;
         self.validate_kiam()?;
         self.validate_server()?;
+        self.validate_container_credentials()?;
+        Ok(())
+    }
+
+    fn validate_container_credentials(&self) -> Result<(), ConfigError> {
+        let front = &self.container_credentials;
+        if front.audience.trim().is_empty() {
+            return Err(ConfigError::new(
+                "container_credentials.audience",
+                "must not be empty",
+            ));
+        }
+        if front.issuer.chars().any(char::is_whitespace) {
+            return Err(ConfigError::new(
+                "container_credentials.issuer",
+                format!("{:?} is not an issuer (no spaces)", front.issuer),
+            ));
+        }
+        positive(
+            "container_credentials.jwks_refresh_interval",
+            front.jwks_refresh_interval,
+        )?;
+        if front.token_cache_size == 0 {
+            return Err(ConfigError::new(
+                "container_credentials.token_cache_size",
+                "must be at least 1",
+            ));
+        }
+        if !front.enabled {
+            return Ok(());
+        }
+        if self.kiam.enabled() || self.pods.source != pods::Source::Kubernetes {
+            return Err(ConfigError::new(
+                "container_credentials.enabled",
+                "needs standalone mode (kiam.server empty) with pods.source = \"kubernetes\": \
+                 tokens name pods by uid, and only this node's watch knows them",
+            ));
+        }
+        for (key, other) in [
+            ("imds.listen", self.imds.listen),
+            ("admin.listen", self.admin.listen),
+        ] {
+            if front.listen == other && other.port() != 0 {
+                return Err(ConfigError::new(
+                    "container_credentials.listen",
+                    format!("must differ from {key}"),
+                ));
+            }
+        }
+        let target = front.listen.ip();
+        if self.iptables.enabled && (target.is_unspecified() || target.is_loopback()) {
+            return Err(ConfigError::new(
+                "container_credentials.listen",
+                format!(
+                    "{target} cannot be the DNAT target of the interception rule; with \
+                     iptables.enabled, listen on an address pods are routed to, such as the \
+                     node's IP. The shipped DaemonSet sets \
+                     IAMLET_CONTAINER_CREDENTIALS__LISTEN=$(HOST_IP):8183; to check its \
+                     iamlet.toml, set it too"
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -584,6 +650,34 @@ mod tests {
                 "iptables.host_interface",
             ),
             ("[iptables]\nenabled = true", "imds.listen"),
+            (
+                "[container_credentials]\naudience = \" \"",
+                "container_credentials.audience",
+            ),
+            (
+                "[container_credentials]\njwks_refresh_interval = \"0s\"",
+                "container_credentials.jwks_refresh_interval",
+            ),
+            (
+                "[container_credentials]\ntoken_cache_size = 0",
+                "container_credentials.token_cache_size",
+            ),
+            (
+                "[container_credentials]\nenabled = true\n[kiam]\nserver = \"kiam:443\"\ncert = \"c\"\nkey = \"k\"\nca = \"a\"",
+                "container_credentials.enabled",
+            ),
+            (
+                "[container_credentials]\nenabled = true\n[pods]\nsource = \"static\"",
+                "container_credentials.enabled",
+            ),
+            (
+                "[container_credentials]\nenabled = true\nlisten = \"127.0.0.1:8181\"",
+                "container_credentials.listen",
+            ),
+            (
+                "[container_credentials]\nenabled = true\n[imds]\nlisten = \"10.0.0.1:8181\"\n[iptables]\nenabled = true",
+                "container_credentials.listen",
+            ),
             ("[pods]\nstartup_taint = \"not ok/\"", "pods.startup_taint"),
             (
                 "[pods]\nsource = \"static\"\nstartup_taint = \"iamlet.io/not-ready\"",
@@ -596,6 +690,15 @@ mod tests {
         }
         let env = [("IAMLET_IMDS__TOKENS", "sometimes")];
         assert_eq!(key_of(load("", &env, Vec::new())), "imds.tokens");
+    }
+
+    #[test]
+    fn the_token_front_runs_in_standalone_mode_on_kubernetes() {
+        let toml = "[container_credentials]\nenabled = true\nlisten = \"10.0.0.1:8183\"\n\
+                    [imds]\nlisten = \"10.0.0.1:8181\"\n[iptables]\nenabled = true\n";
+        let config = load(toml, &[], Vec::new()).expect("valid");
+        assert!(config.container_credentials.enabled);
+        assert_eq!(config.container_credentials.audience, "iamlet");
     }
 
     #[test]

@@ -17,7 +17,13 @@
 //! which the agent asks over mutual-TLS gRPC ([`kiam`]); the server runs the same stack
 //! ([`broker::Local`]) for the whole cluster's pods.
 //!
-//! [`iptables`] installs and keeps the rule that sends pods to iamlet.
+//! The token front, [`container_credentials`], knows pods by a projected service-account
+//! token instead of their IP: it verifies the token on the node, finds the pod it is bound to
+//! by uid in this node's index, and serves its role through the same [`broker::Local`] stack
+//! (policy, session name, cache).
+//!
+//! [`iptables`] installs and keeps the rules that send pods (and, for the token front, the
+//! node's own processes) to iamlet.
 //!
 //! Around them: [`config`] (the whole config tree), [`app`] (build, then run),
 //! [`supervisor`] (background tasks, watched), [`admin`] and [`metrics`] (the admin port),
@@ -30,6 +36,7 @@ pub mod app;
 pub mod broker;
 pub mod clock;
 pub mod config;
+pub mod container_credentials;
 pub mod credentials;
 pub mod http_server;
 pub mod imds;

@@ -279,11 +279,19 @@ fn uninstall(config: Option<PathBuf>) -> ExitCode {
     );
     match iamlet::iptables::remove(selection.backend) {
         Ok(true) => {
-            println!("removed the {} chain and its jump", iamlet::iptables::CHAIN);
+            println!(
+                "removed the {} and {} chains and the jumps to them",
+                iamlet::iptables::CHAIN,
+                iamlet::iptables::LOCAL_CHAIN
+            );
             ExitCode::SUCCESS
         }
         Ok(false) => {
-            println!("nothing to remove: no {} chain", iamlet::iptables::CHAIN);
+            println!(
+                "nothing to remove: no {} or {} chain",
+                iamlet::iptables::CHAIN,
+                iamlet::iptables::LOCAL_CHAIN
+            );
             ExitCode::SUCCESS
         }
         Err(err) => {

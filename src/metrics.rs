@@ -58,6 +58,9 @@ struct Inner {
     server_calls: Family<CallLabels, Counter>,
     server_duration: HistogramFamily<MethodLabels>,
     api_contact: Family<ResourceLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    container_requests: Family<RequestLabels, Counter>,
+    container_request_duration: HistogramFamily<RouteLabels>,
+    container_refusals: Family<ReasonLabels, Counter>,
     ready: prometheus_client::metrics::gauge::Gauge,
     in_flight: prometheus_client::metrics::gauge::Gauge,
     fair_share_refusals: Family<LimitLabels, Counter>,
@@ -216,6 +219,25 @@ impl Default for Metrics {
             "When the API server last answered about pods or namespaces (a watch event, a list, a renewed watch), by resource; time() minus it is the age of iamlet's view of pods",
             api_contact.clone(),
         );
+        let container_requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "container_credentials_requests",
+            "Requests to the token front (container credentials), by route and HTTP status",
+            container_requests.clone(),
+        );
+        let container_request_duration: HistogramFamily<RouteLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "container_credentials_request_duration_seconds",
+            "Time to answer a request to the token front, by route",
+            container_request_duration.clone(),
+        );
+        let container_refusals = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "container_credentials_refusals",
+            "Token front requests refused (401 and 403), by reason",
+            container_refusals.clone(),
+        );
         // Series that alerts watch with increase() exist from the start at 0: a series born at
         // its first error would show no increase for it.
         for kind in STS_ERROR_KINDS {
@@ -244,6 +266,9 @@ impl Default for Metrics {
             fair_share_refusals.clone(),
         );
         Metrics(Arc::new(Inner {
+            container_requests,
+            container_request_duration,
+            container_refusals,
             ready,
             api_contact,
             server_calls,
@@ -366,6 +391,24 @@ impl Metrics {
             .api_contact
             .get_or_create(&ResourceLabels { resource })
             .set(unix_seconds);
+    }
+
+    pub fn observe_container_request(&self, route: &'static str, status: u16, elapsed: Duration) {
+        self.0
+            .container_requests
+            .get_or_create(&RequestLabels { route, status })
+            .inc();
+        self.0
+            .container_request_duration
+            .get_or_create(&RouteLabels { route })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn observe_container_refusal(&self, reason: &'static str) {
+        self.0
+            .container_refusals
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     pub fn observe_denial(&self, reason: &'static str) {

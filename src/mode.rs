@@ -124,6 +124,10 @@ impl Mode {
             metrics,
         )
         .await?;
+        let mut broker = broker;
+        if config.container_credentials.enabled {
+            broker.prefetch_every_live_pod();
+        }
         let broker = Arc::new(broker);
         Ok((
             Mode::Standalone(broker.clone()),
@@ -167,6 +171,14 @@ impl Broker for Mode {
 }
 
 impl Background {
+    /// iamlet's own Kubernetes client, in standalone mode with the Kubernetes pod source.
+    pub fn kubernetes_client(&self) -> Option<kube::Client> {
+        match self {
+            Background::Standalone(_, Some(kubernetes)) => Some(kubernetes.client.clone()),
+            Background::Standalone(_, None) | Background::ServerBacked(..) => None,
+        }
+    }
+
     /// Spawns the mode's background work under `supervisor`.
     pub fn spawn(self, supervisor: &Supervisor, events_instance: String) {
         match self {

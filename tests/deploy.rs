@@ -93,6 +93,7 @@ fn the_daemonset_has_what_a_node_daemon_needs() {
             "fieldPath: status.hostIP",
             "value: $(HOST_IP):8181",
             "value: $(HOST_IP):8182",
+            "value: $(HOST_IP):8183",
             "name: admin",
             "name: IAMLET_IPTABLES__HOST_INTERFACE",
             "path: /run/xtables.lock",
@@ -156,7 +157,9 @@ fn rights_of(objects: &[serde_json::Value], account: &str) -> Vec<(String, Strin
             binding["roleRef"]["name"].as_str().unwrap_or_default(),
         );
         for rule in role["rules"].as_array().into_iter().flatten() {
-            for resource in rule["resources"].as_array().into_iter().flatten() {
+            let resources = rule["resources"].as_array().into_iter().flatten();
+            let urls = rule["nonResourceURLs"].as_array().into_iter().flatten();
+            for resource in resources.chain(urls) {
                 for verb in rule["verbs"].as_array().into_iter().flatten() {
                     rights.push((
                         resource.as_str().unwrap_or_default().to_owned(),
@@ -191,6 +194,12 @@ const POD_SOURCE_RIGHTS: [(&str, &str); 7] = [
     ("pods", "watch"),
 ];
 
+/// What the token front needs: the cluster's issuer and keys.
+const TOKEN_FRONT_RIGHTS: [(&str, &str); 2] = [
+    ("/.well-known/openid-configuration", "get"),
+    ("/openid/v1/jwks", "get"),
+];
+
 #[test]
 fn only_what_reads_pods_gets_kubernetes_api_rights() {
     let Some(standalone) = objects("standalone") else {
@@ -199,8 +208,12 @@ fn only_what_reads_pods_gets_kubernetes_api_rights() {
     let Some(server_backed) = objects("server-backed") else {
         return;
     };
-    // Standalone: the agent reads pods; exactly the pod source's rights.
-    assert_eq!(rights_of(&standalone, "iamlet"), pairs(&POD_SOURCE_RIGHTS));
+    // Standalone: the agent reads pods and the cluster's token keys; exactly those rights.
+    let agent_rights: Vec<_> = POD_SOURCE_RIGHTS
+        .into_iter()
+        .chain(TOKEN_FRONT_RIGHTS)
+        .collect();
+    assert_eq!(rights_of(&standalone, "iamlet"), pairs(&agent_rights));
     // Server-backed: the agents get nothing, not even a token; the server reads pods.
     assert!(rights_of(&server_backed, "iamlet").is_empty());
     let agents = find(&server_backed, "DaemonSet", "iamlet");
@@ -339,6 +352,7 @@ fn check(overlay: &str) -> std::process::Output {
         .env("HOST_IP", "10.0.0.1")
         .env("IAMLET_IMDS__LISTEN", "10.0.0.1:8181")
         .env("IAMLET_ADMIN__LISTEN", "10.0.0.1:8182")
+        .env("IAMLET_CONTAINER_CREDENTIALS__LISTEN", "10.0.0.1:8183")
         .env("IAMLET_IPTABLES__HOST_INTERFACE", "cali+")
         .output()
         .expect("run iamlet")

@@ -297,10 +297,12 @@ async fn credential_document_is_what_sdks_parse() {
 async fn another_pods_role_is_not_found() {
     let world = start(|_| {});
     // Let the prefetch of the batch pod's role land first.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while world.sts.assume_role_calls("batch") == 0 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::eventually(
+        "the batch role prefetched",
+        Duration::from_secs(10),
+        || async { world.sts.assume_role_calls("batch") > 0 },
+    )
+    .await;
     let before = world.sts.assume_role_calls("batch");
     assert_eq!(before, 1, "prefetched once");
     let reply = get(web0(), world.iamlet.imds, &format!("{CREDS}batch"), None).await;

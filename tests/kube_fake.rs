@@ -202,26 +202,37 @@ async fn a_cut_stream_resumes_without_relisting() {
 async fn bookmarks_move_the_resume_point() {
     let world = start(|_| {});
     eventually("ready", WITHIN, || world.iamlet.ready()).await;
-    // Let the first watch open before sending the bookmark to it.
-    eventually("a pod watch", WITHIN, || async {
-        world
-            .fake
-            .requests()
+    // Each newly opened pod watch gets a bookmark, then its stream is cut: the watch that
+    // follows must resume at that bookmark. A cut that beats the bookmark to iamlet shows as a
+    // watch resuming from before it; the new watch then gets a bookmark of its own, and the
+    // cut is tried again (no fixed wait stands in for "the bookmark has arrived").
+    let deadline = std::time::Instant::now() + WITHIN;
+    let mut sent = Vec::new();
+    let mut bookmarked = 0;
+    loop {
+        let requests = world.fake.requests();
+        let resumed = sent
             .iter()
-            .any(|r| r.starts_with("WATCH pods"))
-    })
-    .await;
-    let bookmark = world.fake.bookmark();
-    // Cut until a watch resumes at the bookmark: a cut that beats the bookmark to iamlet
-    // resumes from before it, and the next cut tries again.
-    let resumed = format!("WATCH pods from {bookmark}");
-    eventually("a watch resuming at the bookmark", WITHIN, || async {
-        if !world.fake.requests().contains(&resumed) {
+            .any(|rv| requests.contains(&format!("WATCH pods from {rv}")));
+        if resumed {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no watch resumed at a bookmark {sent:?}: {requests:?}"
+        );
+        let opened = requests
+            .iter()
+            .filter(|r| r.starts_with("WATCH pods"))
+            .count();
+        if opened > bookmarked {
+            bookmarked = opened;
+            sent.push(world.fake.bookmark());
+            tokio::time::sleep(Duration::from_millis(50)).await;
             world.fake.cut_watches();
         }
-        world.fake.requests().contains(&resumed)
-    })
-    .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(count(&world, "LIST pods"), 1);
 }
 

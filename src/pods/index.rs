@@ -135,6 +135,37 @@ impl Pods {
     }
 }
 
+impl Pods {
+    /// `record` and whether it may be served by IP.
+    fn known(&self, record: &PodRecord) -> super::Known {
+        use super::Standing;
+        // Finished first: a pod-bound token is served for any pod not finished (host network
+        // or not), so `Finished` must never hide behind another standing.
+        let standing = if record.finished {
+            Standing::Finished
+        } else if record.host_network {
+            Standing::HostNetwork
+        } else {
+            match record.claim().and_then(|ip| self.claims.get(&ip)) {
+                None => Standing::NoIp,
+                Some(owners) if owners.len() == 1 => Standing::Servable,
+                Some(owners) => Standing::Conflict(
+                    owners
+                        .iter()
+                        .filter(|owner| owner.uid != record.pod.uid)
+                        .map(|owner| owner.key())
+                        .collect(),
+                ),
+            }
+        };
+        super::Known {
+            pod: record.pod.clone(),
+            ip: record.ip,
+            standing,
+        }
+    }
+}
+
 /// The index, shared between the watch loop (writer) and requests (readers).
 pub struct PodIndex {
     state: RwLock<State>,
@@ -249,12 +280,12 @@ impl PodIndex {
             .collect()
     }
 
-    /// Every live pod off the host network, with or without its IP yet, and whether or not
-    /// another pod claims the same IP: the pods that will ask for credentials (for prefetching).
-    /// A pod is listed here from the moment it is scheduled to this node, typically a second
-    /// or more before its sandbox has an IP, which is time enough to fetch its credentials
-    /// before its first request. Nothing is served from this list.
-    pub fn live(&self) -> Vec<Arc<Pod>> {
+    /// Every live pod on the pod network (not the host's), with or without its IP yet, and
+    /// whether or not another pod claims the same IP: the pods that will ask the IMDS front for
+    /// credentials (for prefetching). A pod is listed here from the moment it is scheduled to
+    /// this node, typically a second or more before its sandbox has an IP, which is time enough
+    /// to fetch its credentials before its first request. Nothing is served from this list.
+    pub fn on_pod_network(&self) -> Vec<Arc<Pod>> {
         self.read()
             .pods
             .by_uid
@@ -272,36 +303,51 @@ impl PodIndex {
 
     /// Every pod in the index, and whether it may be served by IP (for `iamlet status`).
     pub fn known(&self) -> Vec<super::Known> {
-        use super::Standing;
         let state = self.read();
         state
             .pods
             .by_uid
             .iter()
-            .map(|ByUid(record)| {
-                let standing = if record.host_network {
-                    Standing::HostNetwork
-                } else if record.finished {
-                    Standing::Finished
-                } else {
-                    match record.claim().and_then(|ip| state.pods.claims.get(&ip)) {
-                        None => Standing::NoIp,
-                        Some(owners) if owners.len() == 1 => Standing::Servable,
-                        Some(owners) => Standing::Conflict(
-                            owners
-                                .iter()
-                                .filter(|owner| owner.uid != record.pod.uid)
-                                .map(|owner| owner.key())
-                                .collect(),
-                        ),
-                    }
-                };
-                super::Known {
-                    pod: record.pod.clone(),
-                    ip: record.ip,
-                    standing,
-                }
-            })
+            .map(|ByUid(record)| state.pods.known(record))
+            .collect()
+    }
+
+    /// The pod with uid `uid`, whatever its network or IP, and its standing.
+    pub fn by_uid(&self, uid: &str) -> Option<super::Known> {
+        let state = self.read();
+        state
+            .pods
+            .by_uid
+            .get(uid)
+            .map(|ByUid(record)| state.pods.known(record))
+    }
+
+    /// The pod with uid `uid`, waiting up to `wait` for the watch to bring it (a pod can ask
+    /// before its watch event arrives). Woken by index changes, not polling.
+    pub async fn find_uid(&self, uid: &str, wait: Duration) -> Option<super::Known> {
+        let mut changes = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(known) = self.by_uid(uid) {
+                return Some(known);
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return None,
+            }
+        }
+    }
+
+    /// Every pod that has not finished, whatever its network or IP: those a pod-bound token
+    /// could be served for.
+    pub fn live(&self) -> Vec<Arc<Pod>> {
+        self.read()
+            .pods
+            .by_uid
+            .iter()
+            .map(|ByUid(record)| record)
+            .filter(|record| !record.finished)
+            .map(|record| record.pod.clone())
             .collect()
     }
 
@@ -464,6 +510,54 @@ mod tests {
     }
 
     #[test]
+    fn pods_are_found_by_uid_whatever_their_network() {
+        let index = PodIndex::default();
+        let mut host = record("h", "node-agent", "admin");
+        host.host_network = true;
+        index.apply_pod(Change::Apply(host));
+        index.apply_pod(Change::Apply(record("a", "web-0", "web")));
+        index.apply_pod(Change::Apply(record("b", "web-1", "web")));
+        let standing = |uid: &str| index.by_uid(uid).map(|known| known.standing);
+        assert_eq!(standing("h"), Some(crate::pods::Standing::HostNetwork));
+        // An IP conflict does not matter to a token.
+        assert!(matches!(
+            standing("a"),
+            Some(crate::pods::Standing::Conflict(_))
+        ));
+        assert_eq!(standing("nope"), None);
+        assert_eq!(index.live().len(), 3);
+
+        let mut finished = record("h", "node-agent", "admin");
+        finished.host_network = true;
+        finished.finished = true;
+        index.apply_pod(Change::Apply(finished));
+        assert_eq!(standing("h"), Some(crate::pods::Standing::Finished));
+        assert_eq!(index.live().len(), 2);
+        index.apply_pod(Change::Delete(record("a", "web-0", "web")));
+        assert_eq!(standing("a"), None, "a deleted pod is gone by uid too");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn find_uid_waits_for_the_pod_to_arrive() {
+        let index = Arc::new(PodIndex::default());
+        let writer = index.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            writer.apply_pod(Change::Apply(record("u1", "web-0", "web")));
+        });
+        let found = index.find_uid("u1", Duration::from_millis(900)).await;
+        assert_eq!(found.map(|k| k.pod.name.clone()).as_deref(), Some("web-0"));
+        let started = tokio::time::Instant::now();
+        assert!(
+            index
+                .find_uid("u2", Duration::from_millis(900))
+                .await
+                .is_none()
+        );
+        assert_eq!(started.elapsed(), Duration::from_millis(900));
+    }
+
+    #[test]
     fn relists_are_swapped_in_whole() {
         let index = PodIndex::default();
         index.apply_pod(Change::Apply(record("gone", "old-0", "admin")));
@@ -489,7 +583,11 @@ mod tests {
         done.finished = true;
         index.apply_pod(Change::Apply(done));
         assert!(index.servable().is_empty());
-        let live: Vec<String> = index.live().iter().map(|p| p.uid.clone()).collect();
+        let live: Vec<String> = index
+            .on_pod_network()
+            .iter()
+            .map(|p| p.uid.clone())
+            .collect();
         assert_eq!(
             live,
             ["u1"],

@@ -153,6 +153,17 @@ pub trait PodLookup: Send + Sync + 'static {
     fn known(&self) -> Vec<Known>;
     /// Whether the source knows a pod with `uid`, servable or not.
     fn knows(&self, uid: &str) -> bool;
+    /// The pod with uid `uid`, whatever its network or IP, waiting briefly for the watch to
+    /// bring a new one (the token front, which knows pods by a verified token). Only the
+    /// Kubernetes source knows pods by uid.
+    fn lookup_uid(&self, _uid: &str) -> impl Future<Output = Option<Known>> + Send {
+        std::future::ready(None)
+    }
+    /// Every pod that a pod-bound token could be served for: not finished, whatever its
+    /// network or IP (for prefetching when the token front is on).
+    fn live(&self) -> Vec<Arc<Pod>> {
+        self.snapshot()
+    }
     /// The view's age, when it is too old to answer from (`pods.when_stale = "refuse"`).
     fn too_stale(&self) -> Option<Duration> {
         None
@@ -185,7 +196,7 @@ impl PodLookup for KubernetesPods {
     }
 
     fn snapshot(&self) -> Vec<Arc<Pod>> {
-        self.index.live()
+        self.index.on_pod_network()
     }
 
     fn known(&self) -> Vec<Known> {
@@ -194,6 +205,14 @@ impl PodLookup for KubernetesPods {
 
     fn knows(&self, uid: &str) -> bool {
         self.index.contains(uid)
+    }
+
+    async fn lookup_uid(&self, uid: &str) -> Option<Known> {
+        self.index.find_uid(uid, self.wait_for_pod).await
+    }
+
+    fn live(&self) -> Vec<Arc<Pod>> {
+        self.index.live()
     }
 
     fn too_stale(&self) -> Option<Duration> {
@@ -258,6 +277,20 @@ impl PodLookup for PodSource {
         match self {
             PodSource::Kubernetes(pods) => pods.knows(uid),
             PodSource::Static(pods) => pods.knows(uid),
+        }
+    }
+
+    async fn lookup_uid(&self, uid: &str) -> Option<Known> {
+        match self {
+            PodSource::Kubernetes(pods) => pods.lookup_uid(uid).await,
+            PodSource::Static(pods) => pods.lookup_uid(uid).await,
+        }
+    }
+
+    fn live(&self) -> Vec<Arc<Pod>> {
+        match self {
+            PodSource::Kubernetes(pods) => pods.live(),
+            PodSource::Static(pods) => pods.live(),
         }
     }
 

@@ -79,6 +79,12 @@ impl RoleArn {
         self.0.rsplit('/').next().unwrap_or_default()
     }
 
+    /// The account the role is in (what container-credential answers call `AccountId`).
+    pub fn account(&self) -> &str {
+        // Checked by `parse`: arn:<partition>:iam::<account>:role/…
+        self.0.split(':').nth(4).unwrap_or_default()
+    }
+
     /// The matching instance profile ARN, as IMDS `iam/info` reports it.
     pub fn instance_profile_arn(&self) -> String {
         self.0.replacen(":role/", ":instance-profile/", 1)
@@ -155,6 +161,7 @@ mod tests {
             RoleArn::resolve("arn:aws-cn:iam::999999999999:role/x/y", &base()).expect("resolves");
         assert_eq!(arn.as_str(), "arn:aws-cn:iam::999999999999:role/x/y");
         assert_eq!(arn.name(), "y");
+        assert_eq!(arn.account(), "999999999999");
     }
 
     #[test]

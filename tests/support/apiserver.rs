@@ -308,19 +308,39 @@ impl ApiServer {
         );
     }
 
+    /// The cluster's service-account signing key (PKCS#8 PEM), as
+    /// `--service-account-signing-key-file`.
+    pub fn signing_key(&self) -> PathBuf {
+        self.dir.join("sa.key")
+    }
+
     /// Writes a kubeconfig for `token` and returns its path.
     pub fn kubeconfig(&self, token: &str) -> PathBuf {
+        self.kubeconfig_at(token, &self.url)
+    }
+
+    /// A kubeconfig for `token` that reaches the API server at `url` (through a proxy; the
+    /// server's certificate names 127.0.0.1 and localhost).
+    pub fn kubeconfig_at(&self, token: &str, url: &str) -> PathBuf {
         use base64::Engine;
         let ca = std::fs::read(self.dir.join("ca.crt")).expect("ca");
         let ca = base64::engine::general_purpose::STANDARD.encode(ca);
-        let path = self.dir.join(format!("{token}.kubeconfig"));
+        let name = format!(
+            "{token}-{}.kubeconfig",
+            url.rsplit(':').next().unwrap_or_default()
+        );
+        let path = self.dir.join(name);
         let text = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    certificate-authority-data: {ca}\n\
              users:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: u\n\
              current-context: test\n",
-            self.url
+            url
         );
-        std::fs::write(&path, text).expect("kubeconfig");
+        // Whole or not at all: tests running at once write the same file, and a client that
+        // read it half-written would find no current context.
+        let partial = tempfile::NamedTempFile::new_in(&self.dir).expect("tempfile");
+        std::fs::write(partial.path(), text).expect("kubeconfig");
+        partial.persist(&path).expect("kubeconfig");
         path
     }
 

@@ -22,6 +22,16 @@ impl DelayProxy {
     /// in each direction, on a thread of its own until stopped or dropped.
     pub fn start(bind: SocketAddr, upstream: SocketAddr, delay: Duration) -> DelayProxy {
         let listener = std::net::TcpListener::bind(bind).expect("bind proxy");
+        Self::start_on(listener, upstream, delay)
+    }
+
+    /// As [`DelayProxy::start`], on a listener of the caller's: one bound in another network
+    /// namespace forwards from there to `upstream` in this process's own.
+    pub fn start_on(
+        listener: std::net::TcpListener,
+        upstream: SocketAddr,
+        delay: Duration,
+    ) -> DelayProxy {
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();

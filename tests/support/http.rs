@@ -49,8 +49,19 @@ pub async fn request(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Reply {
-    let mut head =
-        format!("{method} {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n");
+    request_for("169.254.169.254", from, to, method, path, headers).await
+}
+
+/// As [`request`], with `host` as the `Host` header.
+pub async fn request_for(
+    host: &str,
+    from: IpAddr,
+    to: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }

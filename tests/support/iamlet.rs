@@ -124,6 +124,8 @@ pub struct Iamlet {
     pub admin: SocketAddr,
     /// `iamlet server`'s gRPC address (unset for the agent).
     pub grpc: SocketAddr,
+    /// The token front's address (unset unless it is enabled).
+    pub container_credentials: SocketAddr,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -260,6 +262,7 @@ impl Iamlet {
             imds: ([0, 0, 0, 0], 0).into(),
             admin: ([0, 0, 0, 0], 0).into(),
             grpc: ([0, 0, 0, 0], 0).into(),
+            container_credentials: ([0, 0, 0, 0], 0).into(),
             child: Some(child),
             log: log.to_owned(),
         };
@@ -281,6 +284,9 @@ impl Iamlet {
                         (Some("imds.listen"), Some(addr)) => self.imds = addr,
                         (Some("admin.listen"), Some(addr)) => self.admin = addr,
                         (Some("server.listen"), Some(addr)) => self.grpc = addr,
+                        (Some("container_credentials.listen"), Some(addr)) => {
+                            self.container_credentials = addr
+                        }
                         _ => {}
                     }
                 }

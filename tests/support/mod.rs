@@ -16,6 +16,7 @@ pub mod rust_sdk;
 pub mod server;
 pub mod sts_front;
 pub mod upstream;
+pub mod wired;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -61,7 +62,8 @@ pub fn peer_program(name: &str) -> PathBuf {
 }
 
 /// Records that the calling test cannot run here and is skipping, saying why. Under `CI` a
-/// skip is a failure. `.ci/test` sets `IAMLET_SKIPPED` to a file where each skip leaves a line,
+/// skip is a failure. `.ci/test` sets `SKIPPED_TESTS_LOG` (not an `IAMLET_*` name: iamlet refuses
+/// unknown ones, and children inherit it) to a file where each skip leaves a line,
 /// so its summary counts the test as skipped rather than passed.
 pub fn skip(reason: &str) {
     assert!(
@@ -69,7 +71,7 @@ pub fn skip(reason: &str) {
         "in CI this test must run: {reason}"
     );
     eprintln!("skipped: {reason}");
-    if let Some(path) = std::env::var_os("IAMLET_SKIPPED") {
+    if let Some(path) = std::env::var_os("SKIPPED_TESTS_LOG") {
         use std::io::Write;
         let line = format!(
             "{}: {reason}\n",
