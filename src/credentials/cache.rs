@@ -17,7 +17,10 @@
 //! - **STS trouble**: on throttling, 5xx or timeouts the last good credentials are served until
 //!   they truly expire, while the task retries with exponential backoff and jitter.
 //!   A refusal (AccessDenied…) is kept and answered without asking STS again until pods or
-//!   policy change ([`Cache::sync`] moves the generation on).
+//!   policy change ([`Cache::sync`] moves the generation on), and no sooner than the same
+//!   backoff after it: where pods change all the time (a busy cluster, for `iamlet server`), a
+//!   refused identity would otherwise be asked at every sync, up to ten times a second, and
+//!   take the rate limiter's tokens from the refreshes.
 //! - **Rate limit**: every STS call takes a token from the [`RateLimiter`]; requests first.
 
 use std::collections::HashSet;
@@ -135,7 +138,7 @@ impl<S: CredentialSource, C: Clock> Cache<S, C> {
             return Ok(cached.clone());
         }
         if let Some((refusal, generation)) = &state.refused
-            && *generation == *inner.generation.borrow()
+            && (*generation == *inner.generation.borrow() || now < state.due)
         {
             return Err(refusal.clone());
         }
@@ -269,6 +272,8 @@ impl<S: CredentialSource, C: Clock> Inner<S, C> {
                 // Authoritative: the old credentials are not served any more either.
                 state.credentials = None;
                 state.refused = Some((refusal.clone(), *self.generation.borrow()));
+                state.failures = state.failures.saturating_add(1);
+                state.due = now + backoff(state.failures);
                 Err(refusal)
             }
             Err(err) => {

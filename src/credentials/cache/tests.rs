@@ -259,6 +259,27 @@ async fn a_refusal_is_not_retried_until_pods_or_policy_change() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_refusal_is_asked_again_no_more_often_than_the_backoff_however_pods_change() {
+    let (cache, sts, _, _) = cache();
+    sts.set(Mode::Refuse);
+    cache.sync(&wanted(&[key("denied")]));
+    // Pods change ten times a second for ten minutes (a busy cluster, as iamlet server sees
+    // it), and the refused pod keeps asking.
+    for i in 0..6000 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        cache.sync(&wanted(&[key("denied")]));
+        if i % 10 == 0 {
+            assert!(matches!(
+                cache.get(&key("denied")).await,
+                Err(Error::Refused { .. })
+            ));
+        }
+    }
+    // 1 s, 2 s, 4 s… up to every 2 minutes: about a dozen calls, not one per change.
+    assert!((8..=15).contains(&sts.calls()), "{} calls", sts.calls());
+}
+
+#[tokio::test(start_paused = true)]
 async fn keys_no_pod_wants_stop_refreshing_and_go_once_spent() {
     let (cache, sts, _, metrics) = cache();
     cache.sync(&wanted(&[key("web"), key("batch")]));
