@@ -225,9 +225,25 @@ async fn a_cold_miss_during_an_outage_is_a_clear_503_and_recovers() {
             );
             continue;
         }
-        eventually(&format!("{role} recovered"), WITHIN, || async {
-            document(&iamlet, from, &role).await.1["Code"] == "Success"
-        })
+        let last = std::sync::Mutex::new(String::new());
+        support::eventually_explained(
+            &format!("{role} recovered"),
+            WITHIN,
+            || async {
+                let (status, doc) = document(&iamlet, from, &role).await;
+                *last.lock().expect("last") = format!("{status} {doc}");
+                doc["Code"] == "Success"
+            },
+            || {
+                let log = iamlet.log();
+                let lines: Vec<&str> = log.lines().collect();
+                format!(
+                    "last answer: {}\niamlet's log (tail):\n{}",
+                    last.lock().expect("last"),
+                    lines[lines.len().saturating_sub(40)..].join("\n")
+                )
+            },
+        )
         .await;
         let (_, doc) = document(&iamlet, from, &role).await;
         assert_eq!(

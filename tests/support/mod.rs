@@ -111,3 +111,24 @@ pub async fn eventually<F: std::future::Future<Output = bool>>(
     }
     panic!("never happened within {within:?}: {what}");
 }
+
+/// As [`eventually`], with `context` (say, the tail of a process's log) in the panic message,
+/// so that a failure in CI says what the system under test was doing.
+pub async fn eventually_explained<F: std::future::Future<Output = bool>>(
+    what: &str,
+    within: Duration,
+    check: impl Fn() -> F,
+    context: impl Fn() -> String,
+) {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "never happened within {within:?}: {what}\n--- context ---\n{}",
+        context()
+    );
+}
