@@ -185,6 +185,9 @@ pub struct Local<P, S, C> {
     served: FirstServed,
     /// Whether the cache has been given the pods' identities once (the first prefetch).
     prefetched: std::sync::atomic::AtomicBool,
+    /// Whether every identity of that first prefetch has been asked of STS: from then on, a
+    /// new pod's identity being fetched does not make iamlet unready.
+    warmed: std::sync::atomic::AtomicBool,
     /// Denials logged lately, by (pod uid, role): an SDK retrying a denied role is logged once
     /// per `events::INTERVAL`, and counted every time.
     denials_logged: moka::sync::Cache<(String, String), ()>,
@@ -218,6 +221,7 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Local<P, S, C> {
             denials,
             served: FirstServed::default(),
             prefetched: std::sync::atomic::AtomicBool::new(false),
+            warmed: std::sync::atomic::AtomicBool::new(false),
             denials_logged: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(crate::pods::events::INTERVAL)
@@ -452,16 +456,23 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Broker for Local<P, S, C> {
         Ok((role, credentials))
     }
 
-    /// Ready once the pods are listed (and the view is not too stale) and every identity they
-    /// need has been asked of STS once: a (re)started iamlet answers its first requests from
-    /// the cache.
+    /// Ready once the pods are listed (and the view is not too stale) and, after a start,
+    /// every identity they need has been asked of STS once: a (re)started iamlet answers its
+    /// first requests from the cache. Later prefetches (a new pod) do not make it unready.
     fn readiness(&self) -> Result<String, String> {
+        use std::sync::atomic::Ordering;
         let view = self.pods.readiness()?;
-        if !self.prefetched.load(std::sync::atomic::Ordering::Acquire) {
+        if self.warmed.load(Ordering::Acquire) {
+            return Ok(view);
+        }
+        if !self.prefetched.load(Ordering::Acquire) {
             return Err("the credential cache has not been filled yet".to_owned());
         }
         match self.cache.unfetched() {
-            0 => Ok(view),
+            0 => {
+                self.warmed.store(true, Ordering::Release);
+                Ok(view)
+            }
             n => Err(format!(
                 "prefetching credentials: {n} identities not fetched from STS yet"
             )),

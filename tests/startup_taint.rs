@@ -102,5 +102,8 @@ async fn the_start_up_taint_goes_once_iamlet_serves_and_not_before() {
     let others: Vec<String> = before.into_iter().filter(|key| key != TAINT).collect();
     assert!(others.contains(&"dedicated".to_owned()));
     assert_eq!(taints(&nodes, "tainted-node").await, others);
-    assert!(iamlet.log().contains("start-up taint removed"));
+    eventually("the removal is logged", WITHIN, || async {
+        iamlet.log().contains("start-up taint removed")
+    })
+    .await;
 }

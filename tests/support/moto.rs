@@ -43,13 +43,13 @@ pub fn start(netns: Option<&str>) -> Moto {
         .expect("start moto_server");
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let ready = match netns {
-        None => super::wait_for_port(addr, Duration::from_secs(30)),
+        None => super::wait_for_port(addr, Duration::from_secs(120)),
         Some(ns) => {
             let path = format!("/run/netns/{ns}");
             std::thread::spawn(move || {
                 let file = std::fs::File::open(&path).expect("open namespace");
                 nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-                super::wait_for_port(addr, Duration::from_secs(30))
+                super::wait_for_port(addr, Duration::from_secs(120))
             })
             .join()
             .expect("wait thread")
