@@ -102,6 +102,8 @@ impl Scenario {
 struct Target {
     name: &'static str,
     addr: SocketAddr,
+    /// The server's process.
+    pid: u32,
     /// The token sent with single GETs (the SDK sequence fetches its own).
     token: Option<String>,
 }
@@ -151,16 +153,19 @@ fn main() {
         Target {
             name: "floor: bare hyper",
             addr: floor.addr,
+            pid: floor.child.id(),
             token: Some(token.clone()),
         },
         Target {
             name: "iamlet, tokens optional",
             addr: optional.imds,
+            pid: optional.pid() as u32,
             token: None,
         },
         Target {
             name: "iamlet, tokens required",
             addr: required.imds,
+            pid: required.pid() as u32,
             token: Some(token.clone()),
         },
     ];
@@ -266,7 +271,7 @@ async fn load(scenario: Scenario, from: IpAddr, target: &Target) -> Run {
             latencies
         }
     });
-    latency::drive(window, workers).await
+    latency::drive(window, target.pid, workers).await
 }
 
 /// An HTTP/1.1 connection from `from` to `to`, driven in the background.

@@ -79,16 +79,23 @@ where
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let epoch = Instant::now();
+    // Made once: a cancellation future registers itself when first polled.
+    let cancelled = cancel.cancelled();
+    tokio::pin!(cancelled);
     loop {
-        let permit = tokio::select! {
-            () = cancel.cancelled() => break,
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => tokio::select! {
+                () = &mut cancelled => break,
+                permit = permits.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
             },
         };
         let (stream, remote) = tokio::select! {
-            () = cancel.cancelled() => break,
+            biased;
+            () = &mut cancelled => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {

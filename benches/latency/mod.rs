@@ -41,17 +41,25 @@ impl Window {
     }
 }
 
-/// One run: every latency measured (sorted, in nanoseconds, at most ~4.3 s) over the window.
+/// One run: every latency measured (sorted, in nanoseconds, at most ~4.3 s) over the window,
+/// and the CPU time the server spent meanwhile.
 #[derive(Debug, Clone, Default)]
 pub struct Run {
     pub latencies: Vec<u32>,
     pub seconds: f64,
+    pub server_cpu: Duration,
 }
 
 impl Run {
     /// Operations per second.
     pub fn rate(&self) -> f64 {
         self.latencies.len() as f64 / self.seconds
+    }
+
+    /// The server's CPU time (user and system, all threads) per operation, in microseconds:
+    /// what an operation costs the server, whatever else runs on the machine.
+    pub fn cpu_us(&self) -> f64 {
+        self.server_cpu.as_secs_f64() * 1e6 / self.latencies.len().max(1) as f64
     }
 
     /// The latency at quantile `q` (0.5 for the median), in microseconds.
@@ -65,12 +73,17 @@ impl Run {
 }
 
 /// Runs `workers` (each a loop of operations over `window`, returning its latencies) at once
-/// and gathers them into one run.
-pub async fn drive<F>(window: Window, workers: impl IntoIterator<Item = F>) -> Run
+/// against the server process `server`, and gathers them into one run.
+pub async fn drive<F>(window: Window, server: u32, workers: impl IntoIterator<Item = F>) -> Run
 where
     F: Future<Output = Vec<u32>> + Send + 'static,
 {
     let tasks: Vec<_> = workers.into_iter().map(tokio::spawn).collect();
+    let measure_from = tokio::time::Instant::from_std(window.measure_from);
+    tokio::time::sleep_until(measure_from).await;
+    let cpu_before = cpu_time(server);
+    tokio::time::sleep_until(measure_from + window.measure).await;
+    let server_cpu = cpu_time(server).saturating_sub(cpu_before);
     let mut latencies = Vec::new();
     for task in tasks {
         latencies.extend(task.await.expect("load worker"));
@@ -79,7 +92,23 @@ where
     Run {
         latencies,
         seconds: window.measure.as_secs_f64(),
+        server_cpu,
     }
+}
+
+/// The CPU time process `pid` has had, all threads (from the scheduler's own accounting, in
+/// nanoseconds: `/proc/PID/task/*/schedstat`). Threads that ended are not counted: the
+/// servers here keep theirs.
+pub fn cpu_time(pid: u32) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Duration::ZERO;
+    };
+    let nanos: u64 = tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(nanos)
 }
 
 /// The run of median throughput.
@@ -100,6 +129,8 @@ fn median_of(mut values: Vec<f64>) -> f64 {
 #[derive(Debug, Clone, Copy)]
 pub struct Compared {
     pub rate: f64,
+    pub cpu_us: f64,
+    pub cpu_ratio: f64,
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
@@ -116,6 +147,8 @@ pub fn compare(runs: &[Run], floor: &[Run]) -> Compared {
     };
     Compared {
         rate: each(&Run::rate),
+        cpu_us: each(&Run::cpu_us),
+        cpu_ratio: paired(&Run::cpu_us),
         p50_us: each(&|r| r.quantile_us(0.50)),
         p99_us: each(&|r| r.quantile_us(0.99)),
         p999_us: each(&|r| r.quantile_us(0.999)),
@@ -129,14 +162,22 @@ pub fn compare(runs: &[Run], floor: &[Run]) -> Compared {
 pub fn table(unit: &str, targets: &[(&str, &[Run])]) -> String {
     let floor = targets[0].1;
     let mut table = format!(
-        "| target | {unit} | p50 µs | p99 µs | p99.9 µs | throughput vs floor | p99 vs floor | p99.9 vs floor |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| target | {unit} | p50 µs | p99 µs | p99.9 µs | server CPU µs/op | throughput vs floor | p99 vs floor | p99.9 vs floor | server CPU vs floor |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     );
     for (name, runs) in targets {
         let c = compare(runs, floor);
         table.push_str(&format!(
-            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} |\n",
-            c.rate, c.p50_us, c.p99_us, c.p999_us, c.rate_ratio, c.p99_ratio, c.p999_ratio
+            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+            c.rate,
+            c.p50_us,
+            c.p99_us,
+            c.p999_us,
+            c.cpu_us,
+            c.rate_ratio,
+            c.p99_ratio,
+            c.p999_ratio,
+            c.cpu_ratio
         ));
     }
     table

@@ -182,10 +182,16 @@ impl TokenKey {
     /// A token for `ip`, valid for `ttl` from `now`.
     pub fn mint(&self, ip: IpAddr, ttl: Duration, now: SystemTime) -> String {
         let expiry = unix_seconds(now).saturating_add(ttl.as_secs());
-        let mut bytes = Vec::with_capacity(EXPIRY_BYTES + MAC_BYTES);
-        bytes.extend_from_slice(&expiry.to_be_bytes());
-        bytes.extend_from_slice(&self.mac(expiry, ip).finalize().into_bytes());
-        URL_SAFE_NO_PAD.encode(bytes)
+        let ip = ip.to_canonical();
+        let mut bytes = [0u8; EXPIRY_BYTES + MAC_BYTES];
+        bytes[..EXPIRY_BYTES].copy_from_slice(&expiry.to_be_bytes());
+        bytes[EXPIRY_BYTES..].copy_from_slice(&self.mac(expiry, ip).finalize().into_bytes());
+        let token = URL_SAFE_NO_PAD.encode(bytes);
+        // The client's next request carries it: known good, it need not be verified again.
+        if let Ok(text) = <&[u8; TOKEN_CHARS]>::try_from(token.as_bytes()) {
+            self.verified.insert(text, ip, expiry);
+        }
+        token
     }
 
     /// Whether `token` was minted by this key for `ip` and has not expired at `now`.
