@@ -116,6 +116,7 @@ impl App {
             request_timeout: config.imds.request_timeout,
             clock: Arc::new(crate::clock::SystemClock),
             fair_share: imds::FairShare::new(config.imds.client_limits(), metrics.clone()),
+            documents: imds::Documents::default(),
         });
         // Only now, with the pod-facing listener bound and everything behind it ready, may pod
         // traffic be sent here.

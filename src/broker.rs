@@ -9,7 +9,12 @@
 //!
 //! The token front (`container_credentials`) knows pods by token, not IP, so it uses
 //! [`Local`] directly: [`Local::pod_by_uid`], then [`Local::role_of`] and
-//! [`Local::credentials_for`], the same policy and cache as the IP path.
+//! [`Local::credentials_for`], the same policy and cache as the IP path. The IP path
+//! ([`entitled`]) decides once per pod and keeps the decision with the pod in the index.
+
+mod entitled;
+
+pub use entitled::Entitled;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -259,14 +264,20 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Local<P, S, C> {
     /// metric, Event) here.
     pub fn role_of(&self, pod: &Pod) -> Result<RoleArn, Error> {
         let namespace = self.pods.namespace_policy(&pod.namespace);
-        match self.policy.role_for(pod, namespace.as_deref()) {
-            Ok(role_arn) => Ok(role_arn),
-            Err(Refusal::NoRole) => Err(Error::NoRole { pod: pod.key() }),
-            Err(Refusal::BadRole(error)) => Err(Error::BadRole {
+        self.policy
+            .role_for(pod, namespace.as_deref())
+            .map_err(|refusal| self.refused(pod, refusal))
+    }
+
+    /// The error for `pod` refused its role; a denial is reported (log, metric, Event).
+    fn refused(&self, pod: &Pod, refusal: Refusal) -> Error {
+        match refusal {
+            Refusal::NoRole => Error::NoRole { pod: pod.key() },
+            Refusal::BadRole(error) => Error::BadRole {
                 pod: pod.key(),
                 error,
-            }),
-            Err(Refusal::Denied(role, denial)) => Err(self.deny(pod, role.as_str(), denial)),
+            },
+            Refusal::Denied(role, denial) => self.deny(pod, role.as_str(), denial),
         }
     }
 
@@ -293,6 +304,12 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Local<P, S, C> {
     ) -> Result<Arc<Credentials>, Error> {
         let request = self.request_for(pod, role_arn);
         let credentials = self.cache.get(&request).await?;
+        self.announce(pod, &request);
+        Ok(credentials)
+    }
+
+    /// Logs the first time `pod` is served its role (`request`), once per pod and role.
+    fn announce(&self, pod: &Pod, request: &AssumeRoleRequest) {
         if self.served.first(&pod.uid, request.role_arn.as_str()) {
             tracing::info!(
                 pod = %pod.key(),
@@ -301,7 +318,6 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Local<P, S, C> {
                 "serving a pod its role for the first time"
             );
         }
-        Ok(credentials)
     }
 
     /// Refuses `pod` the role `role` for `denial`: counted, logged and sent as an Event.
@@ -427,12 +443,7 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Local<P, S, C> {
 
 impl<P: PodLookup, S: CredentialSource, C: Clock> Broker for Local<P, S, C> {
     async fn role(&self, ip: IpAddr) -> Result<PodRole, Error> {
-        let pod = self.pod(ip).await?;
-        let role_arn = self.role_of(&pod)?;
-        Ok(PodRole {
-            pod,
-            role: Role::Arn(role_arn),
-        })
+        Ok(self.entitlement(ip).await?.role().clone())
     }
 
     async fn credentials(
@@ -440,20 +451,15 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Broker for Local<P, S, C> {
         ip: IpAddr,
         name: &str,
     ) -> Result<(PodRole, Arc<Credentials>), Error> {
-        let pod = self.pod(ip).await?;
-        let role_arn = self.role_of(&pod)?;
-        if role_arn.name() != name {
+        let entitled = self.entitlement(ip).await?;
+        if entitled.role_arn().name() != name {
             return Err(Error::WrongRole {
-                pod: pod.key(),
+                pod: entitled.pod().key(),
                 requested: name.to_owned(),
             });
         }
-        let credentials = self.credentials_for(&pod, role_arn.clone()).await?;
-        let role = PodRole {
-            pod,
-            role: Role::Arn(role_arn),
-        };
-        Ok((role, credentials))
+        let credentials = self.serve(&entitled).await?;
+        Ok((entitled.role().clone(), credentials))
     }
 
     /// Ready once the pods are listed (and the view is not too stale) and, after a start,

@@ -1,20 +1,27 @@
 //! The one HTTP/1.1 serving loop behind both listeners: bounded connections, header size and
 //! idle time, and a graceful, bounded drain on shutdown.
+//!
+//! Idle time is watched per connection, not per request: a connection is closed once it has
+//! answered nothing for `idle_timeout` and is answering nothing now, which also cuts off a head
+//! that never completes (slowloris). hyper's own header-read timeout would arm and disarm a
+//! timer for every request on a keep-alive connection; this arms one per `idle_timeout`.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Limits applied to every connection.
@@ -43,11 +50,19 @@ where
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    serve_admitting(listener, limits, cancel, |_| Some(()), handler).await
+    serve_admitting(
+        listener,
+        limits,
+        cancel,
+        |_| Some(()),
+        move |remote, _: &(), request| handler(remote, request),
+    )
+    .await
 }
 
 /// As [`serve`], asking `admit` about each accepted connection first: a connection it refuses
-/// (`None`) is closed at once; what it grants is held until the connection ends.
+/// (`None`) is closed at once; what it grants is held until the connection ends, and shown to
+/// the handler with each request on the connection.
 pub async fn serve_admitting<A, T, H, F>(
     listener: TcpListener,
     limits: Limits,
@@ -57,22 +72,30 @@ pub async fn serve_admitting<A, T, H, F>(
 ) -> std::io::Result<()>
 where
     A: Fn(SocketAddr) -> Option<T>,
-    T: Send + 'static,
-    H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    T: Send + Sync + 'static,
+    H: Fn(SocketAddr, &T, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
+    let epoch = Instant::now();
+    // Made once: a cancellation future registers itself when first polled.
+    let cancelled = cancel.cancelled();
+    tokio::pin!(cancelled);
     loop {
-        let permit = tokio::select! {
-            () = cancel.cancelled() => break,
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => tokio::select! {
+                () = &mut cancelled => break,
+                permit = permits.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
             },
         };
         let (stream, remote) = tokio::select! {
-            () = cancel.cancelled() => break,
+            biased;
+            () = &mut cancelled => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
@@ -89,21 +112,32 @@ where
             continue;
         };
         let handler = handler.clone();
+        let activity = Arc::new(Activity::new(epoch));
+        let watched = activity.clone();
+        // The service owns the ticket: it goes when the connection ends.
         let service = hyper::service::service_fn(move |request| {
-            let response = handler(remote, request);
-            async move { Ok::<_, Infallible>(response.await) }
+            let answering = Answering::new(&activity);
+            let response = handler(remote, &ticket, request);
+            async move {
+                let response = response.await;
+                drop(answering);
+                Ok::<_, Infallible>(response)
+            }
         });
         let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.idle_timeout)
             .max_buf_size(MAX_HEAD_BYTES)
             .serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(%remote, error = %err, "connection ended with an error");
+            tokio::select! {
+                biased;
+                ended = connection => if let Err(err) = ended {
+                    tracing::debug!(%remote, error = %err, "connection ended with an error");
+                },
+                () = watched.idle(limits.idle_timeout) => {
+                    tracing::debug!(%remote, "idle connection closed");
+                }
             }
-            drop(ticket);
             drop(permit);
         });
     }
@@ -118,4 +152,68 @@ where
         );
     }
     Ok(())
+}
+
+/// When a connection last finished answering a request (or was accepted), and how many
+/// requests it is answering now.
+struct Activity {
+    epoch: Instant,
+    /// Nanoseconds after `epoch`.
+    since: AtomicU64,
+    answering: AtomicUsize,
+}
+
+impl Activity {
+    fn new(epoch: Instant) -> Activity {
+        let activity = Activity {
+            epoch,
+            since: AtomicU64::new(0),
+            answering: AtomicUsize::new(0),
+        };
+        activity.touch();
+        activity
+    }
+
+    fn touch(&self) {
+        let now = Instant::now().duration_since(self.epoch).as_nanos();
+        self.since
+            .store(u64::try_from(now).unwrap_or(u64::MAX), Ordering::Release);
+    }
+
+    fn since(&self) -> Instant {
+        self.epoch + Duration::from_nanos(self.since.load(Ordering::Acquire))
+    }
+
+    /// Completes once the connection has answered nothing for `idle` and answers nothing now.
+    async fn idle(&self, idle: Duration) {
+        loop {
+            let deadline = self.since() + idle;
+            if Instant::now() < deadline {
+                tokio::time::sleep_until(deadline).await;
+            } else if self.answering.load(Ordering::Acquire) == 0 {
+                return;
+            } else {
+                // Answering a request (bounded by its own timeout): look again later.
+                tokio::time::sleep(idle).await;
+            }
+        }
+    }
+}
+
+/// Counts a request as being answered for as long as it lives; its end is the connection's
+/// latest activity.
+struct Answering(Arc<Activity>);
+
+impl Answering {
+    fn new(activity: &Arc<Activity>) -> Answering {
+        activity.answering.fetch_add(1, Ordering::AcqRel);
+        Answering(activity.clone())
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.answering.fetch_sub(1, Ordering::AcqRel);
+    }
 }

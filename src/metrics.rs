@@ -3,7 +3,7 @@
 //! OpenMetrics' content type, [`CONTENT_TYPE`]. Prometheus asks for OpenMetrics first and parses
 //! it by that content type.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -20,6 +20,18 @@ use crate::credentials;
 const STS_ERROR_KINDS: [&str; 4] = ["refused", "throttled", "server_error", "network"];
 /// The content type of [`Metrics::encode`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The `route` labels of pod-facing requests (`imds::Route::label`), and the statuses they
+/// usually end in: their series are resolved once, not looked up on every request.
+const IMDS_ROUTES: [&str; 6] = ["token", "iam", "role", "credentials", "info", "upstream"];
+const IMDS_STATUSES: [u16; 8] = [200, 400, 401, 403, 404, 405, 503, 504];
+
+/// One route's request series, resolved on first use (so that a series still appears only
+/// once something was counted in it).
+#[derive(Default)]
+struct RouteSeries {
+    duration: OnceLock<Histogram>,
+    statuses: [OnceLock<Counter>; IMDS_STATUSES.len()],
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -64,6 +76,8 @@ struct Inner {
     ready: prometheus_client::metrics::gauge::Gauge,
     in_flight: prometheus_client::metrics::gauge::Gauge,
     fair_share_refusals: Family<LimitLabels, Counter>,
+    /// Handles into `requests` and `request_duration`, by [`IMDS_ROUTES`] index.
+    imds_series: [RouteSeries; IMDS_ROUTES.len()],
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -266,6 +280,7 @@ impl Default for Metrics {
             fair_share_refusals.clone(),
         );
         Metrics(Arc::new(Inner {
+            imds_series: Default::default(),
             container_requests,
             container_request_duration,
             container_refusals,
@@ -308,13 +323,40 @@ impl Metrics {
     }
 
     pub fn observe_request(&self, route: &'static str, status: u16, elapsed: Duration) {
-        self.0
-            .requests
-            .get_or_create(&RequestLabels { route, status })
-            .inc();
-        self.0
-            .request_duration
-            .get_or_create(&RouteLabels { route })
+        let inner = &self.0;
+        let Some(series) = IMDS_ROUTES
+            .iter()
+            .position(|known| *known == route)
+            .map(|at| &inner.imds_series[at])
+        else {
+            inner
+                .requests
+                .get_or_create(&RequestLabels { route, status })
+                .inc();
+            inner
+                .request_duration
+                .get_or_create(&RouteLabels { route })
+                .observe(elapsed.as_secs_f64());
+            return;
+        };
+        let count = |status| {
+            inner
+                .requests
+                .get_or_create(&RequestLabels { route, status })
+                .clone()
+        };
+        match IMDS_STATUSES.iter().position(|known| *known == status) {
+            Some(at) => series.statuses[at].get_or_init(|| count(status)).inc(),
+            None => count(status).inc(),
+        };
+        series
+            .duration
+            .get_or_init(|| {
+                inner
+                    .request_duration
+                    .get_or_create(&RouteLabels { route })
+                    .clone()
+            })
             .observe(elapsed.as_secs_f64());
     }
 

@@ -8,6 +8,11 @@
 //! (Kubernetes keeps one object's events in order, but pods' events interleave freely);
 //! `view` is what the delivered events say. Relists supersede queued events, as a watcher's
 //! relist after 410 Gone does.
+//!
+//! The request path recalls, with the pod, what was decided for it and remembered beside its
+//! claim ([`PodIndex::remember`]); after every step, each IP's memo is remembered anew, and a
+//! memo recalled must be about the very version of the pod the index holds now, made since the
+//! last change to any namespace: a decision is never served stale.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
@@ -15,7 +20,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use iamlet::pod::{Annotations, Pod};
-use iamlet::pods::index::{Change, Lookup, PodIndex, PodRecord};
+use iamlet::pods::index::{Change, Lookup, PodIndex, PodRecord, Recall};
+use iamlet::policy::NamespacePolicy;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 
@@ -61,6 +67,10 @@ enum Action {
         order: u64,
         duplicates: u8,
     },
+    /// A namespace's policy changes (or the namespaces are relisted).
+    Namespace {
+        relist: bool,
+    },
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -73,6 +83,7 @@ fn action() -> impl Strategy<Value = Action> {
         8 => any::<u8>().prop_map(|pod| Action::Deliver { pod }),
         2 => any::<u8>().prop_map(|pod| Action::Duplicate { pod }),
         1 => (any::<u64>(), 0u8..3).prop_map(|(order, duplicates)| Action::Relist { order, duplicates }),
+        1 => proptest::bool::weighted(0.3).prop_map(|relist| Action::Namespace { relist }),
     ]
 }
 
@@ -100,8 +111,16 @@ enum Event {
     Delete(String, State),
 }
 
+/// What the test remembers beside a claim: the pod it was about, and when.
+struct Memo {
+    pod: Arc<Pod>,
+    namespaces: u64,
+}
+
 #[derive(Default)]
 struct Model {
+    /// Changes to namespaces so far.
+    namespaces: u64,
     next_uid: usize,
     truth: BTreeMap<String, State>,
     queued: HashMap<String, VecDeque<Event>>,
@@ -235,6 +254,22 @@ impl Model {
                     self.deliver(index, event);
                 }
             }
+            Action::Namespace { relist } => {
+                let policy = || {
+                    (
+                        "churn".to_owned(),
+                        NamespacePolicy::from_annotation(Some(".*")),
+                    )
+                };
+                if relist {
+                    index.apply_namespace(Change::Init);
+                    index.apply_namespace(Change::InitApply(policy()));
+                    index.apply_namespace(Change::InitDone);
+                } else {
+                    index.apply_namespace(Change::Apply(policy()));
+                }
+                self.namespaces += 1;
+            }
             Action::Relist { order, duplicates } => {
                 let mut items: Vec<(String, State)> = self
                     .truth
@@ -272,6 +307,7 @@ impl Model {
 
     /// The invariant, for every IP.
     fn check(&self, index: &PodIndex) {
+        self.check_memos(index);
         let mut servable = HashSet::new();
         for n in 0..IPS {
             let claimants: Vec<&String> = self
@@ -325,6 +361,42 @@ impl Model {
         }
         let indexed: HashSet<String> = index.servable().iter().map(|p| p.uid.clone()).collect();
         assert_eq!(indexed, servable, "servable() disagrees with lookups");
+    }
+
+    /// The request path agrees with lookups, and recalls only memos about the pod as it is
+    /// now, made since the last namespace change; then each IP's memo is remembered anew.
+    fn check_memos(&self, index: &PodIndex) {
+        for n in 0..IPS {
+            let recalled = index.recall(ip(n));
+            match (index.lookup(ip(n)), &recalled) {
+                (Lookup::Found(pod), Recall::Found(found)) => {
+                    assert_eq!(pod.uid, found.pod.uid, "recall and lookup disagree");
+                    if let Some(memo) = &found.memo {
+                        let memo = memo.clone().downcast::<Memo>().expect("a test memo");
+                        assert!(
+                            Arc::ptr_eq(&memo.pod, &pod),
+                            "{} recalled a memo made for another version or pod",
+                            ip(n)
+                        );
+                        assert_eq!(
+                            memo.namespaces,
+                            self.namespaces,
+                            "{} recalled a memo made before a namespace changed",
+                            ip(n)
+                        );
+                    }
+                }
+                (Lookup::Unknown, Recall::Unknown) | (Lookup::Conflict(_), Recall::Conflict) => {}
+                (lookup, recall) => panic!("{}: lookup {lookup:?}, recall {recall:?}", ip(n)),
+            }
+            if let Recall::Found(found) = recalled {
+                let memo = Memo {
+                    pod: found.pod.clone(),
+                    namespaces: self.namespaces,
+                };
+                index.remember(&found, Arc::new(memo));
+            }
+        }
     }
 }
 

@@ -22,12 +22,17 @@
 //!   refused identity would otherwise be asked at every sync, up to ten times a second, and
 //!   take the rate limiter's tokens from the refreshes.
 //! - **Rate limit**: every STS call takes a token from the [`RateLimiter`]; requests first.
+//! - **Hits take no lock**: an entry's servable credentials are also published outside its
+//!   lock, so a hit reads them without waiting behind a refresh; and whoever asks for a key
+//!   on every request (the broker, once per pod) can [`Cache::hold`] its entry rather than
+//!   look the key up each time.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwapOption;
 use rand::Rng;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -74,6 +79,15 @@ struct Entry {
     wanted: AtomicBool,
     /// Wakes a refresh task waiting for the entry to be wanted again.
     wanted_again: Notify,
+    /// The credentials in `state`, published for hits that take no lock; written with `state`
+    /// held.
+    published: ArcSwapOption<Credentials>,
+}
+
+/// An entry held by whoever asks for its key often, and the key.
+pub struct Held {
+    entry: Arc<Entry>,
+    request: AssumeRoleRequest,
 }
 
 struct Inner<S, C> {
@@ -127,8 +141,66 @@ impl<S: CredentialSource, C: Clock> Cache<S, C> {
     /// Credentials for `request`, for a pod waiting on them.
     /// Shared, not copied: a hit costs a reference count, not a copy of the token.
     pub async fn get(&self, request: &AssumeRoleRequest) -> Result<Arc<Credentials>, Error> {
-        let inner = &self.inner;
         let entry = self.entry(request);
+        self.get_entry(&entry, request).await
+    }
+
+    /// The entry for `request`, to be asked with [`Cache::get_held`] from now on.
+    pub fn hold(&self, request: &AssumeRoleRequest) -> Held {
+        Held {
+            entry: self.entry(request),
+            request: request.clone(),
+        }
+    }
+
+    /// As [`Cache::get`] for the held entry's key, without looking the key up. Should the
+    /// entry have been evicted meanwhile, its credentials are served while they are servable
+    /// (they are the key's), and then the key is looked up anew.
+    pub async fn get_held(&self, held: &Held) -> Result<Arc<Credentials>, Error> {
+        if let Some(hit) = self.hit(&held.entry) {
+            return Ok(hit);
+        }
+        if held.entry.stop.is_cancelled() {
+            return self.get(&held.request).await;
+        }
+        Box::pin(self.get_locked(&held.entry, &held.request)).await
+    }
+
+    /// The entry's published credentials, if they may be served now.
+    fn hit(&self, entry: &Entry) -> Option<Arc<Credentials>> {
+        let inner = &self.inner;
+        let now = inner.clock.now();
+        let published = entry.published.load();
+        let published = published.as_ref()?;
+        let remaining = published.remaining(now);
+        if remaining > inner.refresh_before {
+            inner.metrics.observe_cache_hit(remaining);
+            Some(published.clone())
+        } else {
+            None
+        }
+    }
+
+    async fn get_entry(
+        &self,
+        entry: &Entry,
+        request: &AssumeRoleRequest,
+    ) -> Result<Arc<Credentials>, Error> {
+        if let Some(hit) = self.hit(entry) {
+            return Ok(hit);
+        }
+        // Boxed: waiting for STS makes a large future, which a hit should not carry (or copy).
+        Box::pin(self.get_locked(entry, request)).await
+    }
+
+    /// [`Cache::get`] past the published credentials: under the entry's lock, calling STS if
+    /// need be.
+    async fn get_locked(
+        &self,
+        entry: &Entry,
+        request: &AssumeRoleRequest,
+    ) -> Result<Arc<Credentials>, Error> {
+        let inner = &self.inner;
         let mut state = entry.state.lock().await;
         let now = inner.clock.now();
         if let Some(cached) = &state.credentials
@@ -145,7 +217,7 @@ impl<S: CredentialSource, C: Clock> Cache<S, C> {
         inner.metrics.observe_cache_miss();
         inner.limiter.acquire(Priority::Request).await;
         let fetched = inner.source.assume_role(request).await;
-        match inner.store(&mut state, fetched) {
+        match inner.store(entry, &mut state, fetched) {
             Ok(fresh) => {
                 inner
                     .metrics
@@ -238,6 +310,7 @@ impl<S: CredentialSource, C: Clock> Cache<S, C> {
                 stop: CancellationToken::new(),
                 wanted: AtomicBool::new(true),
                 wanted_again: Notify::new(),
+                published: ArcSwapOption::empty(),
             });
             tokio::spawn(supervised(
                 self.inner.clone(),
@@ -253,6 +326,7 @@ impl<S: CredentialSource, C: Clock> Inner<S, C> {
     /// Records the outcome of an STS call in `state`, and when the next one is due.
     fn store(
         &self,
+        entry: &Entry,
         state: &mut State,
         fetched: Result<Credentials, Error>,
     ) -> Result<Arc<Credentials>, Error> {
@@ -264,6 +338,7 @@ impl<S: CredentialSource, C: Clock> Inner<S, C> {
                 let margin = fresh.remaining(now).saturating_sub(self.refresh_before);
                 state.due = now + margin - REFRESH_LEAD.min(margin / 10);
                 state.credentials = Some(fresh.clone());
+                entry.published.store(Some(fresh.clone()));
                 state.refused = None;
                 state.failures = 0;
                 Ok(fresh)
@@ -271,6 +346,7 @@ impl<S: CredentialSource, C: Clock> Inner<S, C> {
             Err(refusal @ Error::Refused { .. }) => {
                 // Authoritative: the old credentials are not served any more either.
                 state.credentials = None;
+                entry.published.store(None);
                 state.refused = Some((refusal.clone(), *self.generation.borrow()));
                 state.failures = state.failures.saturating_add(1);
                 state.due = now + backoff(state.failures);
@@ -380,7 +456,7 @@ async fn refresh<S: CredentialSource, C: Clock>(
             Err(Error::Unavailable { .. }) => "unavailable",
         };
         inner.metrics.observe_refresh(outcome);
-        if let Err(err) = inner.store(&mut state, fetched) {
+        if let Err(err) = inner.store(&entry, &mut state, fetched) {
             tracing::warn!(error = %err, failures = state.failures, "background credential refresh failed");
         }
         delay = inner.until_due(&state);

@@ -5,7 +5,7 @@ mod cache;
 mod limiter;
 mod sts;
 
-pub use cache::Cache;
+pub use cache::{Cache, Held};
 pub use limiter::{Priority, RateLimiter};
 pub use sts::StsSource;
 

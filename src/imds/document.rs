@@ -1,7 +1,10 @@
 //! The JSON documents IMDS answers with, in the exact shape real SDKs parse.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
 use serde::Serialize;
 use time::OffsetDateTime;
 use time::macros::format_description;
@@ -41,6 +44,53 @@ pub fn credentials(credentials: &Credentials) -> String {
         token: &credentials.session_token,
         expiration: timestamp(credentials.expiration),
     })
+}
+
+/// Credential documents, each encoded once for the credentials it shows (a refresh brings new
+/// ones) rather than on every request. A small table keyed by the credentials' identity: each
+/// slot keeps the credentials it was encoded from, so that a slot can never answer for other
+/// credentials, and a new encoding replaces whatever shared its slot.
+pub struct Documents {
+    slots: Box<[ArcSwapOption<Encoded>]>,
+}
+
+struct Encoded {
+    credentials: Arc<Credentials>,
+    body: Bytes,
+}
+
+/// Slots in [`Documents`]: far more than the identities one node serves at once.
+const DOCUMENT_SLOTS: usize = 256;
+
+impl Default for Documents {
+    fn default() -> Self {
+        Documents {
+            slots: (0..DOCUMENT_SLOTS)
+                .map(|_| ArcSwapOption::empty())
+                .collect(),
+        }
+    }
+}
+
+impl Documents {
+    /// The document for `credentials` ([`credentials`]), encoded on first use.
+    pub fn credentials(&self, credentials: &Arc<Credentials>) -> Bytes {
+        // Fibonacci hashing of the address: allocations are aligned, so the low bits say little.
+        let address = Arc::as_ptr(credentials) as usize as u64;
+        let slot = (address.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as usize % DOCUMENT_SLOTS;
+        let slot = &self.slots[slot];
+        if let Some(encoded) = &*slot.load()
+            && Arc::ptr_eq(&encoded.credentials, credentials)
+        {
+            return encoded.body.clone();
+        }
+        let body = Bytes::from(self::credentials(credentials));
+        slot.store(Some(Arc::new(Encoded {
+            credentials: credentials.clone(),
+            body: body.clone(),
+        })));
+        body
+    }
 }
 
 #[derive(Serialize)]
@@ -104,6 +154,41 @@ mod tests {
     fn timestamps_are_whole_seconds_utc() {
         let time = UNIX_EPOCH + Duration::from_millis(1_700_000_000_987);
         assert_eq!(timestamp(time), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn documents_are_encoded_once_per_credentials_and_never_mixed_up() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let issued = |key: &str| {
+            Arc::new(Credentials {
+                access_key_id: key.into(),
+                secret_access_key: "SECRET".into(),
+                session_token: "TOKEN".into(),
+                expiration: now + Duration::from_secs(3600),
+                last_updated: now,
+            })
+        };
+        let documents = Documents::default();
+        // More credentials than slots: every one still gets its own document.
+        let all: Vec<_> = (0..DOCUMENT_SLOTS * 2)
+            .map(|i| issued(&format!("AKID{i}")))
+            .collect();
+        for _ in 0..2 {
+            for (i, credentials) in all.iter().enumerate() {
+                let body = documents.credentials(credentials);
+                assert_eq!(body, credentials_document(credentials));
+                let json: serde_json::Value = serde_json::from_slice(&body).expect("json");
+                assert_eq!(json["AccessKeyId"], format!("AKID{i}"));
+            }
+        }
+        // The same credentials asked again are answered from the memo: the very same bytes.
+        let first = documents.credentials(&all[0]);
+        let again = documents.credentials(&all[0]);
+        assert_eq!(first.as_ptr(), again.as_ptr());
+    }
+
+    fn credentials_document(credentials: &Credentials) -> String {
+        super::credentials(credentials)
     }
 
     #[test]

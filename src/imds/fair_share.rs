@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::time::Instant;
@@ -45,64 +46,92 @@ impl Limit {
     }
 }
 
+/// One client's counts. Requests are admitted with atomics alone, through the connection
+/// they arrive on (which holds its client): the map of clients is locked only when a
+/// connection opens or closes.
 struct Client {
-    connections: usize,
-    requests: usize,
-    tokens: f64,
-    refilled: Instant,
+    connections: AtomicUsize,
+    requests: AtomicUsize,
+    /// The request rate as a virtual scheduling time (GCRA, an exact token bucket in one
+    /// number): nanoseconds after [`Inner::epoch`] by which the requests admitted so far would
+    /// have been paid for at `requests_per_second`. The bucket is full once it is past.
+    paid_until: AtomicU64,
+}
+
+impl Client {
+    fn new() -> Arc<Client> {
+        Arc::new(Client {
+            connections: AtomicUsize::new(0),
+            requests: AtomicUsize::new(0),
+            paid_until: AtomicU64::new(0),
+        })
+    }
 }
 
 struct Inner {
     limits: ClientLimits,
-    clients: Mutex<HashMap<IpAddr, Client>>,
+    clients: Mutex<HashMap<IpAddr, Arc<Client>>>,
     metrics: Metrics,
+    epoch: Instant,
+    /// Nanoseconds one request costs at `requests_per_second`.
+    interval: u64,
+    /// How far ahead of now requests may have been paid: `burst` of them.
+    tolerance: u64,
 }
 
 /// Cheap to clone; clones share the counts.
 #[derive(Clone)]
 pub struct FairShare(Arc<Inner>);
 
-/// Held while a connection is open; uncounts it on drop.
+/// Held while a connection is open; uncounts it on drop. Requests on the connection are
+/// admitted through it ([`ConnectionTicket::request`]).
 pub struct ConnectionTicket {
     share: FairShare,
     ip: IpAddr,
+    client: Arc<Client>,
 }
 
 /// Held while a request is answered; uncounts it on drop.
 pub struct RequestTicket {
     share: FairShare,
     ip: IpAddr,
+    client: Arc<Client>,
 }
 
 impl FairShare {
     pub fn new(limits: ClientLimits, metrics: Metrics) -> FairShare {
+        // At least a nanosecond: a rate too high to tell from "unbounded" in nanoseconds is
+        // a billion a second, which still admits `burst` at once.
+        let interval = 1e9 / limits.requests_per_second;
+        let interval = if interval.is_finite() {
+            (interval.round() as u64).max(1)
+        } else {
+            u64::MAX
+        };
         FairShare(Arc::new(Inner {
             limits,
             clients: Mutex::new(HashMap::new()),
             metrics,
+            epoch: Instant::now(),
+            interval,
+            tolerance: interval.saturating_mul(u64::from(limits.burst.max(1))),
         }))
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, Client>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, Arc<Client>>> {
         self.0
             .clients
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn client<'a>(&self, clients: &'a mut HashMap<IpAddr, Client>, ip: IpAddr) -> &'a mut Client {
-        let burst = f64::from(self.0.limits.burst.max(1));
-        let client = clients.entry(ip).or_insert_with(|| Client {
-            connections: 0,
-            requests: 0,
-            tokens: burst,
-            refilled: Instant::now(),
-        });
-        let now = Instant::now();
-        let elapsed = now.duration_since(client.refilled).as_secs_f64();
-        client.tokens = (client.tokens + elapsed * self.0.limits.requests_per_second).min(burst);
-        client.refilled = now;
-        client
+    fn now(&self) -> u64 {
+        u64::try_from(Instant::now().duration_since(self.0.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The client at `ip`, tracked from now on if it was not.
+    fn client(&self, ip: IpAddr) -> Arc<Client> {
+        self.lock().entry(ip).or_insert_with(Client::new).clone()
     }
 
     fn refuse<T>(&self, ip: IpAddr, limit: Limit) -> Result<T, Limit> {
@@ -114,59 +143,81 @@ impl FairShare {
     /// Admits a new connection from `ip`, or refuses it when `ip` has too many open.
     pub fn connection(&self, ip: IpAddr) -> Result<ConnectionTicket, Limit> {
         let ip = ip.to_canonical();
-        {
+        let client = {
             let mut clients = self.lock();
-            let client = self.client(&mut clients, ip);
-            if client.connections >= self.0.limits.max_connections {
+            let client = clients.entry(ip).or_insert_with(Client::new);
+            // Counted under the map's lock, so that `forget_if_idle` cannot drop a client
+            // between this check and the count.
+            if client.connections.load(Ordering::Acquire) >= self.0.limits.max_connections {
                 drop(clients);
                 return self.refuse(ip, Limit::Connections);
             }
-            client.connections += 1;
-        }
+            client.connections.fetch_add(1, Ordering::AcqRel);
+            client.clone()
+        };
         Ok(ConnectionTicket {
             share: self.clone(),
             ip,
+            client,
         })
     }
 
-    /// Admits a request from `ip`, or says which bound it is past.
+    /// Admits a request from `ip`, or says which bound it is past. The server admits requests
+    /// through the connection they arrive on instead ([`ConnectionTicket::request`]), which
+    /// needs no lookup.
     pub fn request(&self, ip: IpAddr) -> Result<RequestTicket, Limit> {
         let ip = ip.to_canonical();
-        {
-            let mut clients = self.lock();
-            let client = self.client(&mut clients, ip);
-            let refused = if client.requests >= self.0.limits.max_requests {
-                Some(Limit::Requests)
-            } else if client.tokens < 1.0 {
-                Some(Limit::Rate)
-            } else {
-                client.tokens -= 1.0;
-                client.requests += 1;
-                None
-            };
-            if let Some(limit) = refused {
-                drop(clients);
-                return self.refuse(ip, limit);
-            }
+        let client = self.client(ip);
+        self.admit(ip, client)
+    }
+
+    fn admit(&self, ip: IpAddr, client: Arc<Client>) -> Result<RequestTicket, Limit> {
+        if client.requests.fetch_add(1, Ordering::AcqRel) >= self.0.limits.max_requests {
+            client.requests.fetch_sub(1, Ordering::AcqRel);
+            return self.refuse(ip, Limit::Requests);
+        }
+        if !self.pay(&client) {
+            client.requests.fetch_sub(1, Ordering::AcqRel);
+            return self.refuse(ip, Limit::Rate);
         }
         Ok(RequestTicket {
             share: self.clone(),
             ip,
+            client,
         })
     }
 
-    /// Takes one connection or request off `ip`'s count, forgetting a client that holds
-    /// nothing and whose bucket is full again (so memory follows the active clients only).
-    fn release(&self, ip: IpAddr, connection: bool) {
-        let mut clients = self.lock();
-        let burst = f64::from(self.0.limits.burst.max(1));
-        let client = self.client(&mut clients, ip);
-        if connection {
-            client.connections = client.connections.saturating_sub(1);
-        } else {
-            client.requests = client.requests.saturating_sub(1);
+    /// Takes one request's worth from `client`'s bucket, if it holds one.
+    fn pay(&self, client: &Client) -> bool {
+        let now = self.now();
+        let mut paid_until = client.paid_until.load(Ordering::Acquire);
+        loop {
+            let next = paid_until.max(now).saturating_add(self.0.interval);
+            if next - now > self.0.tolerance {
+                return false;
+            }
+            match client.paid_until.compare_exchange_weak(
+                paid_until,
+                next,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(current) => paid_until = current,
+            }
         }
-        if client.connections == 0 && client.requests == 0 && client.tokens >= burst {
+    }
+
+    /// Forgets the client at `ip` if it holds nothing and its bucket is full again (so memory
+    /// follows the active clients only).
+    fn forget_if_idle(&self, ip: IpAddr) {
+        let now = self.now();
+        let mut clients = self.lock();
+        if let Some(client) = clients.get(&ip)
+            && client.connections.load(Ordering::Acquire) == 0
+            && client.requests.load(Ordering::Acquire) == 0
+            && client.paid_until.load(Ordering::Acquire) <= now
+        {
             clients.remove(&ip);
         }
     }
@@ -178,15 +229,28 @@ impl FairShare {
     }
 }
 
+impl ConnectionTicket {
+    /// Admits a request arriving on this connection, or says which bound it is past.
+    pub fn request(&self) -> Result<RequestTicket, Limit> {
+        self.share.admit(self.ip, self.client.clone())
+    }
+}
+
 impl Drop for ConnectionTicket {
     fn drop(&mut self) {
-        self.share.release(self.ip, true);
+        if self.client.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.share.forget_if_idle(self.ip);
+        }
     }
 }
 
 impl Drop for RequestTicket {
     fn drop(&mut self) {
-        self.share.release(self.ip, false);
+        if self.client.requests.fetch_sub(1, Ordering::AcqRel) == 1
+            && self.client.connections.load(Ordering::Acquire) == 0
+        {
+            self.share.forget_if_idle(self.ip);
+        }
     }
 }
 

@@ -21,7 +21,7 @@ mod proxy;
 mod routes;
 mod token;
 
-pub use document::timestamp;
+pub use document::{Documents, credentials as credential_document, timestamp};
 pub use fair_share::{ClientLimits, FairShare};
 pub use proxy::Error as UpstreamError;
 pub use proxy::{DEFAULT_ALLOW, Upstream, check_upstream, compile_allow_list};
@@ -149,6 +149,8 @@ pub struct State<B> {
     pub clock: Arc<dyn Clock>,
     /// Per-client bounds on connections, requests in flight and request rate.
     pub fair_share: FairShare,
+    /// Credential documents, encoded once per credentials.
+    pub documents: Documents,
 }
 
 /// Serves pods on `listener` until `cancel` fires.
@@ -164,7 +166,11 @@ pub async fn serve<B: Broker>(
         limits,
         cancel,
         move |remote| fair_share.connection(remote.ip()).ok(),
-        move |remote, request| routes::handle(state.clone(), remote, request),
+        move |remote, connection: &fair_share::ConnectionTicket, request| {
+            // Admitted now, through the connection's client: no lookup.
+            let admitted = connection.request();
+            routes::handle(state.clone(), remote, admitted, request)
+        },
     )
     .await
 }

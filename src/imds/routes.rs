@@ -3,23 +3,30 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::header::{ALLOW, CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
 use hyper::{HeaderMap, Method, Request, Response, StatusCode};
 
-use super::fair_share::Limit;
+use super::fair_share::{Limit, RequestTicket};
 use super::{State, TokenPolicy, document, token};
 use crate::broker::{self, Broker};
 use crate::credentials;
 use crate::metrics::Metrics;
+use crate::pod::Pod;
 
-const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
-const TOKEN_TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+// Header names made once: a name given as text is parsed on every lookup.
+const TOKEN_HEADER: HeaderName = HeaderName::from_static("x-aws-ec2-metadata-token");
+const TOKEN_TTL_HEADER: HeaderName =
+    HeaderName::from_static("x-aws-ec2-metadata-token-ttl-seconds");
 /// Headers that say a request came through a proxy (`Forwarded` is RFC 7239's form).
-const PROXY_HEADERS: [&str; 2] = ["x-forwarded-for", "forwarded"];
+const PROXY_HEADERS: [HeaderName; 2] = [
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("forwarded"),
+];
 
 const CREDENTIALS_PREFIX: &str = "/latest/meta-data/iam/security-credentials";
 
@@ -75,7 +82,49 @@ impl<'a> Route<'a> {
 /// An answer, and the pod it was for (for the request log line).
 struct Outcome {
     response: Response<Full<Bytes>>,
-    pod: Option<String>,
+    pod: Option<PodLabel>,
+}
+
+/// The pod an answer was for, as the request log line names it: named only when the line is
+/// written, so that a request logged at a level that is off pays nothing for it.
+enum PodLabel {
+    Pod(Arc<Pod>),
+    Named(String),
+}
+
+impl From<&Arc<Pod>> for PodLabel {
+    fn from(pod: &Arc<Pod>) -> Self {
+        PodLabel::Pod(pod.clone())
+    }
+}
+
+impl From<String> for PodLabel {
+    fn from(name: String) -> Self {
+        PodLabel::Named(name)
+    }
+}
+
+impl std::fmt::Display for PodLabel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // As `Pod::key`.
+            PodLabel::Pod(pod) if pod.namespace.is_empty() => f.write_str(&pod.name),
+            PodLabel::Pod(pod) => write!(f, "{}/{}", pod.namespace, pod.name),
+            PodLabel::Named(name) => f.write_str(name),
+        }
+    }
+}
+
+/// `-` where an answer was for no pod.
+struct LoggedPod<'a>(&'a Option<PodLabel>);
+
+impl std::fmt::Display for LoggedPod<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(pod) => pod.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
 }
 
 impl Outcome {
@@ -91,7 +140,7 @@ impl Outcome {
         }
     }
 
-    fn for_pod(mut self, pod: impl Into<String>) -> Outcome {
+    fn for_pod(mut self, pod: impl Into<PodLabel>) -> Outcome {
         self.pod = Some(pod.into());
         self
     }
@@ -101,6 +150,7 @@ impl Outcome {
 pub async fn handle<B: Broker>(
     state: Arc<State<B>>,
     remote: SocketAddr,
+    admitted: Result<RequestTicket, Limit>,
     request: Request<hyper::body::Incoming>,
 ) -> Response<Full<Bytes>> {
     let started = Instant::now();
@@ -108,16 +158,27 @@ pub async fn handle<B: Broker>(
     let path = request.uri().path();
     let route = Route::of(path);
     let _in_flight = InFlight::new(&state.metrics);
-    let outcome = match state.fair_share.request(ip) {
-        Ok(_ticket) => match tokio::time::timeout(
-            state.request_timeout,
-            dispatch(&state, ip, route, request.method(), request.headers()),
-        )
-        .await
-        {
-            Ok(outcome) => outcome,
-            Err(_) => Outcome::text(StatusCode::GATEWAY_TIMEOUT, "iamlet: request timed out\n"),
-        },
+    let outcome = match admitted {
+        Ok(_ticket) => {
+            let mut work = std::pin::pin!(dispatch(
+                &state,
+                ip,
+                route,
+                request.method(),
+                request.headers()
+            ));
+            // A cache hit is answered at the first poll: the timeout (a timer) is set only
+            // for work that has to wait (a new pod, STS, the node's IMDS, the kiam server).
+            match futures::poll!(work.as_mut()) {
+                Poll::Ready(outcome) => outcome,
+                Poll::Pending => match tokio::time::timeout(state.request_timeout, work).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => {
+                        Outcome::text(StatusCode::GATEWAY_TIMEOUT, "iamlet: request timed out\n")
+                    }
+                },
+            }
+        }
         Err(limit) => over_share(limit),
     };
     let status = outcome.response.status().as_u16();
@@ -127,7 +188,7 @@ pub async fn handle<B: Broker>(
         .observe_request(route.label(), status, elapsed);
     tracing::debug!(
         client = %ip,
-        pod = outcome.pod.as_deref().unwrap_or("-"),
+        pod = %LoggedPod(&outcome.pod),
         route = route.label(),
         method = %request.method(),
         path,
@@ -163,44 +224,45 @@ async fn answer<B: Broker>(state: &State<B>, ip: IpAddr, metadata: Metadata<'_>)
     match metadata {
         Metadata::Iam => match state.broker.role(ip).await {
             Ok(role) => {
-                Outcome::text(StatusCode::OK, "info\nsecurity-credentials/").for_pod(role.pod.key())
+                Outcome::text(StatusCode::OK, "info\nsecurity-credentials/").for_pod(&role.pod)
             }
             Err(err) => broker_error(err, state.clock.now()),
         },
         Metadata::RoleName => match state.broker.role(ip).await {
             // Exactly the name: aws-sdk-rust fails on a trailing newline.
             Ok(role) => {
-                Outcome::text(StatusCode::OK, role.role.name().to_owned()).for_pod(role.pod.key())
+                Outcome::text(StatusCode::OK, role.role.name().to_owned()).for_pod(&role.pod)
             }
             Err(err) => broker_error(err, state.clock.now()),
         },
         Metadata::Info => match state.broker.role(ip).await {
             Ok(role) => match role.role.arn() {
                 Some(arn) => Outcome::text(StatusCode::OK, document::info(arn, state.clock.now()))
-                    .for_pod(role.pod.key()),
+                    .for_pod(&role.pod),
                 // Server-backed mode without aws.base_role_arn knows only the role's name.
                 None => Outcome::text(
                     StatusCode::NOT_FOUND,
                     "iamlet: this node does not know the account of the pod's role\n",
                 )
-                .for_pod(role.pod.key()),
+                .for_pod(&role.pod),
             },
             Err(err) => broker_error(err, state.clock.now()),
         },
         Metadata::Credentials(name) => match state.broker.credentials(ip, name).await {
             Ok((role, credentials)) => {
-                Outcome::text(StatusCode::OK, document::credentials(&credentials))
-                    .for_pod(role.pod.key())
+                Outcome::text(StatusCode::OK, state.documents.credentials(&credentials))
+                    .for_pod(&role.pod)
             }
             Err(err) => broker_error(err, state.clock.now()),
         },
-        Metadata::Upstream(path) => proxy(state, path).await,
+        // Boxed: the HTTP client's future is large, and rarely needed.
+        Metadata::Upstream(path) => Box::pin(proxy(state, path)).await,
     }
 }
 
 fn issue_token<B>(state: &State<B>, ip: IpAddr, headers: &HeaderMap) -> Outcome {
     // EC2 refuses token requests that passed through a proxy, so tokens never leave the host.
-    if PROXY_HEADERS.iter().any(|name| headers.contains_key(*name)) {
+    if PROXY_HEADERS.iter().any(|name| headers.contains_key(name)) {
         return Outcome::text(
             StatusCode::FORBIDDEN,
             "iamlet: token requests carrying X-Forwarded-For or Forwarded are refused\n",
@@ -225,14 +287,14 @@ fn issue_token<B>(state: &State<B>, ip: IpAddr, headers: &HeaderMap) -> Outcome 
     outcome
         .response
         .headers_mut()
-        .insert(TOKEN_TTL_HEADER, HeaderValue::from(ttl));
+        .insert(TOKEN_TTL_HEADER.clone(), HeaderValue::from(ttl));
     outcome
 }
 
 /// The requested token lifetime: exactly one TTL header, plain decimal digits (no sign, no
 /// exponent), within EC2's range; `None` for anything else.
 fn token_ttl(headers: &HeaderMap) -> Option<u64> {
-    let mut values = headers.get_all(TOKEN_TTL_HEADER).iter();
+    let mut values = headers.get_all(&TOKEN_TTL_HEADER).iter();
     let (Some(value), None) = (values.next(), values.next()) else {
         return None;
     };
@@ -247,7 +309,7 @@ fn token_ttl(headers: &HeaderMap) -> Option<u64> {
 
 /// Whether the request may proceed; the reason for a 401 when not.
 fn check_token<B>(state: &State<B>, ip: IpAddr, headers: &HeaderMap) -> Result<(), &'static str> {
-    match headers.get(TOKEN_HEADER) {
+    match headers.get(&TOKEN_HEADER) {
         Some(value) => {
             let valid = value
                 .to_str()

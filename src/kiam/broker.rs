@@ -4,6 +4,7 @@
 //! annotation as the server states it; `aws.base_role_arn`, when set, only lets `iam/info`
 //! name the full ARN of relative role names.
 
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -119,12 +120,49 @@ impl KiamBroker {
     }
 }
 
+// The futures are boxed: the gRPC calls behind them make them large, and the pod-facing
+// server's request future (which holds either mode's) would otherwise be as large, and be
+// copied as such, in standalone mode too.
 impl Broker for KiamBroker {
-    async fn role(&self, ip: IpAddr) -> Result<PodRole, Error> {
-        self.pod_role(ip).await.map(|(role, _)| role)
+    fn role(&self, ip: IpAddr) -> impl Future<Output = Result<PodRole, Error>> + Send {
+        Box::pin(async move { self.pod_role(ip).await.map(|(role, _)| role) })
     }
 
-    async fn credentials(
+    fn credentials(
+        &self,
+        ip: IpAddr,
+        name: &str,
+    ) -> impl Future<Output = Result<(PodRole, Arc<Credentials>), Error>> + Send {
+        Box::pin(self.credentials_of(ip, name))
+    }
+
+    fn readiness(&self) -> Result<String, String> {
+        if self.client.healthy() {
+            Ok("the kiam server answers GetHealth".to_owned())
+        } else {
+            Err("the kiam server has not answered GetHealth".to_owned())
+        }
+    }
+
+    /// Only what this node has cached: in this mode the server knows the pods.
+    fn status(&self) -> Vec<PodStatus> {
+        let mut lines: Vec<PodStatus> = self
+            .cache
+            .iter()
+            .map(|(key, credentials)| PodStatus {
+                ip: Some(key.0),
+                pod: "-".to_owned(),
+                role: Ok(key.1.clone()),
+                expires: Some(credentials.expiration),
+            })
+            .collect();
+        lines.sort_by(|a, b| (a.ip, &a.role).cmp(&(b.ip, &b.role)));
+        lines
+    }
+}
+
+impl KiamBroker {
+    async fn credentials_of(
         &self,
         ip: IpAddr,
         name: &str,
@@ -157,30 +195,6 @@ impl Broker for KiamBroker {
             tracing::info!(pod = %ip, role = annotated.as_str(), "serving a pod its role for the first time");
         }
         Ok((role, credentials))
-    }
-
-    fn readiness(&self) -> Result<String, String> {
-        if self.client.healthy() {
-            Ok("the kiam server answers GetHealth".to_owned())
-        } else {
-            Err("the kiam server has not answered GetHealth".to_owned())
-        }
-    }
-
-    /// Only what this node has cached: in this mode the server knows the pods.
-    fn status(&self) -> Vec<PodStatus> {
-        let mut lines: Vec<PodStatus> = self
-            .cache
-            .iter()
-            .map(|(key, credentials)| PodStatus {
-                ip: Some(key.0),
-                pod: "-".to_owned(),
-                role: Ok(key.1.clone()),
-                expires: Some(credentials.expiration),
-            })
-            .collect();
-        lines.sort_by(|a, b| (a.ip, &a.role).cmp(&(b.ip, &b.role)));
-        lines
     }
 }
 

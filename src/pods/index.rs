@@ -8,6 +8,12 @@
 //! - a relist is buffered and swapped in whole at `InitDone`.
 //!
 //! Namespaces (for their `permitted` policy) are indexed the same way.
+//!
+//! Beside the claim of a pod that alone owns an IP, a reader may keep what it decided about
+//! that pod (the broker: its role under policy, [`PodIndex::remember`]), so that requests need
+//! not decide again. Such a memo goes the moment anything it was decided from changes: any
+//! change to the IP's claims (the pod changed, went, finished, moved, or another pod claimed
+//! the IP), a relist, or a change to any namespace's policy.
 
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
@@ -18,6 +24,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::{Found, Memo};
 use crate::pod::Pod;
 use crate::policy::NamespacePolicy;
 
@@ -50,6 +57,15 @@ pub enum Change<T> {
     Init,
     InitApply(T),
     InitDone,
+}
+
+/// What an IP resolves to, on the request path ([`PodIndex::recall`]).
+#[derive(Debug, Clone)]
+pub enum Recall {
+    Found(Found),
+    Unknown,
+    /// Claimed by more than one live pod: refuse, never guess.
+    Conflict,
 }
 
 /// What an IP resolves to.
@@ -92,6 +108,9 @@ struct Pods {
     by_uid: HashSet<ByUid>,
     /// The live pods claiming each IP (the same `Arc`s as their records): one, or a conflict.
     claims: HashMap<IpAddr, Vec<Arc<Pod>>>,
+    /// What a reader remembered about the sole owner of an IP; dropped with any change to
+    /// that IP's claims (and with the whole picture at a relist).
+    memos: HashMap<IpAddr, Remembered>,
 }
 
 #[derive(Default)]
@@ -102,14 +121,24 @@ struct State {
     pod_relist: Option<Pods>,
     pods_synced: bool,
     namespaces: HashMap<String, Arc<NamespacePolicy>>,
+    /// Moves on with every change to the namespaces' policies: a memo made before is stale.
+    namespaces_version: u64,
     namespace_relist: Option<HashMap<String, Arc<NamespacePolicy>>>,
     namespaces_synced: bool,
+}
+
+/// A memo, the pod it is about, and the namespace policies' version it was made under.
+struct Remembered {
+    pod: Arc<Pod>,
+    namespaces: u64,
+    memo: Memo,
 }
 
 impl Pods {
     fn insert(&mut self, record: PodRecord) {
         self.remove(&record.pod.uid);
         if let Some(ip) = record.claim() {
+            self.memos.remove(&ip);
             let owners = self.claims.entry(ip).or_default();
             owners.push(record.pod.clone());
             if owners.len() > 1 {
@@ -127,6 +156,7 @@ impl Pods {
         if let Some(ip) = old.claim()
             && let Some(owners) = self.claims.get_mut(&ip)
         {
+            self.memos.remove(&ip);
             owners.retain(|owner| owner.uid != uid);
             if owners.is_empty() {
                 self.claims.remove(&ip);
@@ -205,6 +235,7 @@ impl PodIndex {
                     state.pod_relist.get_or_insert_default().insert(record);
                 }
                 Change::InitDone => {
+                    // The relisted picture comes without memos: nothing decided before stands.
                     state.pods = state.pod_relist.take().unwrap_or_default();
                     state.pods_synced = true;
                 }
@@ -216,6 +247,12 @@ impl PodIndex {
     pub fn apply_namespace(&self, change: Change<(String, NamespacePolicy)>) {
         {
             let mut state = self.write();
+            if matches!(
+                change,
+                Change::Apply(_) | Change::Delete(_) | Change::InitDone
+            ) {
+                state.namespaces_version += 1;
+            }
             match change {
                 Change::Apply((name, policy)) => {
                     state.namespaces.insert(name, Arc::new(policy));
@@ -251,18 +288,76 @@ impl PodIndex {
     /// The pod at `ip`, waiting up to `wait` for the watch to bring it (a pod's first request
     /// can beat its watch event). Woken by index changes, not polling.
     pub async fn find(&self, ip: IpAddr, wait: Duration) -> Option<Arc<Pod>> {
+        self.find_recalled(ip, wait).await.map(|found| found.pod)
+    }
+
+    /// The pod that alone claims `ip`, with what was remembered about it if that still holds;
+    /// nothing for an IP that no pod, or more than one, claims.
+    pub fn recall(&self, ip: IpAddr) -> Recall {
+        let ip = ip.to_canonical();
+        let state = self.read();
+        if let Some(remembered) = state.pods.memos.get(&ip)
+            && remembered.namespaces == state.namespaces_version
+        {
+            return Recall::Found(Found {
+                pod: remembered.pod.clone(),
+                memo: Some(remembered.memo.clone()),
+                ip,
+                namespaces: state.namespaces_version,
+            });
+        }
+        match state.pods.claims.get(&ip).map(Vec::as_slice) {
+            None | Some([]) => Recall::Unknown,
+            Some([pod]) => Recall::Found(Found {
+                pod: pod.clone(),
+                memo: None,
+                ip,
+                namespaces: state.namespaces_version,
+            }),
+            Some(_) => Recall::Conflict,
+        }
+    }
+
+    /// As [`PodIndex::find`], with what was remembered about the pod.
+    pub async fn find_recalled(&self, ip: IpAddr, wait: Duration) -> Option<Found> {
+        // The pod is there on almost every request: look before subscribing to changes.
+        match self.recall(ip) {
+            Recall::Found(found) => return Some(found),
+            Recall::Conflict => return None,
+            Recall::Unknown => {}
+        }
         let mut changes = self.changed.subscribe();
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            match self.lookup(ip) {
-                Lookup::Found(pod) => return Some(pod),
-                Lookup::Conflict(_) => return None,
-                Lookup::Unknown => {}
+            // Looked at again after subscribing: a change in between is not missed.
+            match self.recall(ip) {
+                Recall::Found(found) => return Some(found),
+                Recall::Conflict => return None,
+                Recall::Unknown => {}
             }
             match tokio::time::timeout_at(deadline, changes.changed()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) | Err(_) => return None,
             }
+        }
+    }
+
+    /// Keeps `memo` beside the claim `found` was found by, if that pod still alone claims the
+    /// IP in the same version and no namespace changed since; otherwise keeps nothing.
+    pub fn remember(&self, found: &Found, memo: Memo) {
+        let mut state = self.write();
+        let unchanged = state.namespaces_version == found.namespaces
+            && matches!(
+                state.pods.claims.get(&found.ip).map(Vec::as_slice),
+                Some([pod]) if Arc::ptr_eq(pod, &found.pod)
+            );
+        if unchanged {
+            let remembered = Remembered {
+                pod: found.pod.clone(),
+                namespaces: found.namespaces,
+                memo,
+            };
+            state.pods.memos.insert(found.ip, remembered);
         }
     }
 
@@ -568,6 +663,108 @@ mod tests {
         index.apply_pod(Change::InitDone);
         assert_eq!(role_at(&index).as_deref(), Some("web"));
         assert_eq!(index.servable().len(), 1);
+    }
+
+    /// What a test remembers about a pod: its uid.
+    fn remember_uid(index: &PodIndex) -> Option<String> {
+        match index.recall(IP.parse().expect("ip")) {
+            Recall::Found(found) => {
+                let uid = found.pod.uid.clone();
+                index.remember(&found, Arc::new(uid.clone()));
+                Some(uid)
+            }
+            Recall::Unknown | Recall::Conflict => None,
+        }
+    }
+
+    /// The uid remembered for whoever is found at the IP now, if anything is remembered.
+    fn recalled(index: &PodIndex) -> Option<String> {
+        match index.recall(IP.parse().expect("ip")) {
+            Recall::Found(found) => found.memo.map(|memo| {
+                let uid = memo.downcast::<String>().expect("a uid");
+                assert_eq!(*uid, found.pod.uid, "a memo recalled for another pod");
+                (*uid).clone()
+            }),
+            Recall::Unknown | Recall::Conflict => None,
+        }
+    }
+
+    #[test]
+    fn a_memo_is_kept_with_the_pod_until_anything_it_was_made_from_changes() {
+        let index = PodIndex::default();
+        index.apply_pod(Change::Apply(record("u1", "web-0", "web")));
+        assert_eq!(recalled(&index), None, "nothing remembered yet");
+        assert_eq!(remember_uid(&index).as_deref(), Some("u1"));
+        assert_eq!(recalled(&index).as_deref(), Some("u1"));
+
+        // A new version of the pod (an annotation changed, say) forgets it.
+        index.apply_pod(Change::Apply(record("u1", "web-0", "admin")));
+        assert_eq!(recalled(&index), None);
+        remember_uid(&index);
+
+        // Any namespace change forgets it too (the pod's namespace policy may have changed).
+        index.apply_namespace(Change::Apply((
+            "shop".to_owned(),
+            NamespacePolicy::from_annotation(Some(".*")),
+        )));
+        assert_eq!(recalled(&index), None);
+        remember_uid(&index);
+
+        // Another pod claiming the IP: nothing is served, nothing recalled.
+        index.apply_pod(Change::Apply(record("u2", "web-1", "web")));
+        assert!(matches!(
+            index.recall(IP.parse().expect("ip")),
+            Recall::Conflict
+        ));
+        index.apply_pod(Change::Delete(record("u1", "web-0", "web")));
+        assert_eq!(recalled(&index), None, "u2's claim starts with nothing");
+        assert_eq!(remember_uid(&index).as_deref(), Some("u2"));
+
+        // Finished, the pod gives up its IP, and its memo with it.
+        let mut finished = record("u2", "web-1", "web");
+        finished.finished = true;
+        index.apply_pod(Change::Apply(finished));
+        assert!(matches!(
+            index.recall(IP.parse().expect("ip")),
+            Recall::Unknown
+        ));
+        index.apply_pod(Change::Apply(record("u3", "web-2", "web")));
+        assert_eq!(recalled(&index), None);
+        remember_uid(&index);
+
+        // A relist starts afresh.
+        index.apply_pod(Change::Init);
+        index.apply_pod(Change::InitApply(record("u3", "web-2", "web")));
+        assert_eq!(
+            recalled(&index).as_deref(),
+            Some("u3"),
+            "not before InitDone"
+        );
+        index.apply_pod(Change::InitDone);
+        assert_eq!(recalled(&index), None);
+    }
+
+    #[test]
+    fn a_memo_made_before_a_change_is_not_kept() {
+        let index = PodIndex::default();
+        index.apply_pod(Change::Apply(record("u1", "web-0", "web")));
+        let Recall::Found(before) = index.recall(IP.parse().expect("ip")) else {
+            panic!("found")
+        };
+        // The pod changes while its memo is being made: the memo is dropped, not kept.
+        index.apply_pod(Change::Apply(record("u1", "web-0", "admin")));
+        index.remember(&before, Arc::new("u1".to_owned()));
+        assert_eq!(recalled(&index), None);
+
+        let Recall::Found(before) = index.recall(IP.parse().expect("ip")) else {
+            panic!("found")
+        };
+        index.apply_namespace(Change::Apply((
+            "shop".to_owned(),
+            NamespacePolicy::from_annotation(None),
+        )));
+        index.remember(&before, Arc::new("u1".to_owned()));
+        assert_eq!(recalled(&index), None);
     }
 
     #[test]

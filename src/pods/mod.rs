@@ -138,10 +138,61 @@ impl std::fmt::Display for Standing {
     }
 }
 
+/// What a reader (the broker) decided about the pod that alone claims an IP, kept with that
+/// claim ([`PodLookup::remember`]) so that requests need not decide again. Opaque to the index.
+pub type Memo = Arc<dyn std::any::Any + Send + Sync>;
+
+/// The pod that owns an IP now, and what was remembered about it, if that still holds.
+#[derive(Clone)]
+pub struct Found {
+    pub pod: Arc<Pod>,
+    /// Remembered for exactly this pod, its claim on the IP and the namespace policies as they
+    /// are now; `None` when nothing is (yet, or any more).
+    pub memo: Option<Memo>,
+    /// Where and when it was found, so that [`PodLookup::remember`] can tell whether anything
+    /// changed since.
+    pub(crate) ip: IpAddr,
+    pub(crate) namespaces: u64,
+}
+
+impl Found {
+    /// A pod found with nothing remembered (sources that keep no memos).
+    pub fn unremembered(pod: Arc<Pod>, ip: IpAddr) -> Found {
+        Found {
+            pod,
+            memo: None,
+            ip,
+            namespaces: 0,
+        }
+    }
+}
+
+impl std::fmt::Debug for Found {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Found")
+            .field("pod", &self.pod)
+            .field("remembered", &self.memo.is_some())
+            .field("ip", &self.ip)
+            .finish()
+    }
+}
+
 /// Finds the pod behind a source IP.
 pub trait PodLookup: Send + Sync + 'static {
     /// The pod that owns `ip` now, if one does and may be served.
     fn lookup(&self, ip: IpAddr) -> impl Future<Output = Option<Arc<Pod>>> + Send;
+    /// As [`PodLookup::lookup`], with what was remembered about the pod: the request path.
+    fn recall(&self, ip: IpAddr) -> impl Future<Output = Option<Found>> + Send {
+        async move {
+            self.lookup(ip)
+                .await
+                .map(|pod| Found::unremembered(pod, ip))
+        }
+    }
+    /// Keeps `memo` with the pod `found` names for as long as that pod, its sole claim on the
+    /// IP and every namespace's policy stay as they were when it was found; if anything
+    /// changed meanwhile, keeps nothing. Sources that keep no memos ignore it.
+    fn remember(&self, _found: &Found, _memo: Memo) {}
     /// The policy of `namespace`; `None` while it is unknown.
     fn namespace_policy(&self, namespace: &str) -> Option<Arc<NamespacePolicy>>;
     /// Whether the source has a complete picture yet (`/readyz`).
@@ -185,6 +236,14 @@ pub struct KubernetesPods {
 impl PodLookup for KubernetesPods {
     async fn lookup(&self, ip: IpAddr) -> Option<Arc<Pod>> {
         self.index.find(ip, self.wait_for_pod).await
+    }
+
+    async fn recall(&self, ip: IpAddr) -> Option<Found> {
+        self.index.find_recalled(ip, self.wait_for_pod).await
+    }
+
+    fn remember(&self, found: &Found, memo: Memo) {
+        self.index.remember(found, memo);
     }
 
     fn namespace_policy(&self, namespace: &str) -> Option<Arc<NamespacePolicy>> {
@@ -242,6 +301,20 @@ impl PodLookup for PodSource {
         match self {
             PodSource::Kubernetes(pods) => pods.lookup(ip).await,
             PodSource::Static(pods) => pods.lookup(ip).await,
+        }
+    }
+
+    async fn recall(&self, ip: IpAddr) -> Option<Found> {
+        match self {
+            PodSource::Kubernetes(pods) => pods.recall(ip).await,
+            PodSource::Static(pods) => pods.recall(ip).await,
+        }
+    }
+
+    fn remember(&self, found: &Found, memo: Memo) {
+        match self {
+            PodSource::Kubernetes(pods) => pods.remember(found, memo),
+            PodSource::Static(pods) => pods.remember(found, memo),
         }
     }
 

@@ -2,19 +2,32 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use super::{Known, PodLookup, Standing, StaticPod};
+use super::{Found, Known, Memo, PodLookup, Standing, StaticPod};
 use crate::pod::{Annotations, Pod};
 use crate::policy::NamespacePolicy;
 
 #[derive(Debug)]
 pub struct StaticPods {
-    by_ip: HashMap<IpAddr, Arc<Pod>>,
+    by_ip: HashMap<IpAddr, Entry>,
     /// Never changes: the table is fixed for the life of the process.
     changes: tokio::sync::watch::Sender<u64>,
     /// The operator's table is the policy.
     unrestricted: Arc<NamespacePolicy>,
+}
+
+/// A pod of the table, and what was remembered about it (the table never changes, so once
+/// remembered it holds for the life of the process).
+struct Entry {
+    pod: Arc<Pod>,
+    memo: OnceLock<Memo>,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry").field("pod", &self.pod).finish()
+    }
 }
 
 impl StaticPods {
@@ -34,7 +47,11 @@ impl StaticPods {
                         session_name: entry.session_name.clone(),
                     },
                 };
-                (entry.ip.to_canonical(), Arc::new(pod))
+                let indexed = Entry {
+                    pod: Arc::new(pod),
+                    memo: OnceLock::new(),
+                };
+                (entry.ip.to_canonical(), indexed)
             })
             .collect();
         StaticPods {
@@ -47,7 +64,25 @@ impl StaticPods {
 
 impl PodLookup for StaticPods {
     async fn lookup(&self, ip: IpAddr) -> Option<Arc<Pod>> {
-        self.by_ip.get(&ip.to_canonical()).cloned()
+        self.by_ip.get(&ip.to_canonical()).map(|e| e.pod.clone())
+    }
+
+    async fn recall(&self, ip: IpAddr) -> Option<Found> {
+        let ip = ip.to_canonical();
+        self.by_ip.get(&ip).map(|entry| Found {
+            pod: entry.pod.clone(),
+            memo: entry.memo.get().cloned(),
+            ip,
+            namespaces: 0,
+        })
+    }
+
+    fn remember(&self, found: &Found, memo: Memo) {
+        if let Some(entry) = self.by_ip.get(&found.ip)
+            && Arc::ptr_eq(&entry.pod, &found.pod)
+        {
+            let _ = entry.memo.set(memo);
+        }
     }
 
     fn namespace_policy(&self, _namespace: &str) -> Option<Arc<NamespacePolicy>> {
@@ -59,7 +94,7 @@ impl PodLookup for StaticPods {
     }
 
     fn snapshot(&self) -> Vec<Arc<Pod>> {
-        self.by_ip.values().cloned().collect()
+        self.by_ip.values().map(|e| e.pod.clone()).collect()
     }
 
     fn readiness(&self) -> Result<String, String> {
@@ -69,8 +104,8 @@ impl PodLookup for StaticPods {
     fn known(&self) -> Vec<Known> {
         self.by_ip
             .iter()
-            .map(|(ip, pod)| Known {
-                pod: pod.clone(),
+            .map(|(ip, entry)| Known {
+                pod: entry.pod.clone(),
                 ip: Some(*ip),
                 standing: Standing::Servable,
             })
@@ -78,7 +113,7 @@ impl PodLookup for StaticPods {
     }
 
     fn knows(&self, uid: &str) -> bool {
-        self.by_ip.values().any(|pod| pod.uid == uid)
+        self.by_ip.values().any(|entry| entry.pod.uid == uid)
     }
 
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {

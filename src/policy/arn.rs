@@ -2,10 +2,12 @@
 //! against the base that relative names join.
 
 use std::fmt;
+use std::sync::Arc;
 
-/// A full IAM role ARN, e.g. `arn:aws:iam::123456789012:role/path/name`.
+/// A full IAM role ARN, e.g. `arn:aws:iam::123456789012:role/path/name`. The text is shared:
+/// a role ARN goes into every answer for a pod, and copying it costs a count, not a copy.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct RoleArn(String);
+pub struct RoleArn(Arc<str>);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
@@ -37,7 +39,7 @@ impl RoleArn {
             && account.bytes().all(|b| b.is_ascii_digit())
             && resource.strip_prefix("role/").is_some_and(valid_role_path);
         if valid {
-            Ok(RoleArn(arn.to_owned()))
+            Ok(RoleArn(arn.into()))
         } else {
             Err(bad())
         }
@@ -76,7 +78,13 @@ impl RoleArn {
 
     /// The role's name: what IMDS lists under `iam/security-credentials/`, without its path.
     pub fn name(&self) -> &str {
-        self.0.rsplit('/').next().unwrap_or_default()
+        // Asked on every request for a pod: a byte search, not a string pattern.
+        let at = self
+            .0
+            .bytes()
+            .rposition(|b| b == b'/')
+            .map_or(0, |slash| slash + 1);
+        &self.0[at..]
     }
 
     /// The account the role is in (what container-credential answers call `AccountId`).
