@@ -84,7 +84,11 @@ async fn the_start_up_taint_goes_once_iamlet_serves_and_not_before() {
         || async { readyz().await.contains("prefetching credentials") },
     )
     .await;
-    assert!(front.assume_role_calls("stall-app") >= 1);
+    // "Prefetching" is said once the fetch is started; its call reaches STS a moment later.
+    eventually("STS is asked for the pod's role", WITHIN, || async {
+        front.assume_role_calls("stall-app") >= 1
+    })
+    .await;
     let before = taints(&nodes, "tainted-node").await;
     assert!(
         before.contains(&TAINT.to_owned()),
