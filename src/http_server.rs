@@ -187,7 +187,10 @@ impl Activity {
     /// Completes once the connection has answered nothing for `idle` and answers nothing now.
     async fn idle(&self, idle: Duration) {
         loop {
-            let deadline = self.since() + idle;
+            let Some(deadline) = self.since().checked_add(idle) else {
+                // An idle time beyond the clock's range: never idle.
+                return std::future::pending().await;
+            };
             if Instant::now() < deadline {
                 tokio::time::sleep_until(deadline).await;
             } else if self.answering.load(Ordering::Acquire) == 0 {
@@ -215,5 +218,25 @@ impl Drop for Answering {
     fn drop(&mut self) {
         self.0.touch();
         self.0.answering.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_idle_after_the_idle_time_and_never_for_an_endless_one() {
+        let activity = Activity::new(Instant::now());
+        tokio::time::timeout(Duration::from_secs(3600), activity.idle(Duration::MAX))
+            .await
+            .expect_err("an endless idle time ended");
+        let activity = Activity::new(Instant::now());
+        tokio::time::timeout(
+            Duration::from_secs(3600),
+            activity.idle(Duration::from_millis(10)),
+        )
+        .await
+        .expect("idle after 10 ms with nothing answered");
     }
 }

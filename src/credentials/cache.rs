@@ -84,6 +84,17 @@ struct Entry {
     published: ArcSwapOption<Credentials>,
 }
 
+impl Entry {
+    /// Ends the entry's life when it leaves the cache: its refresh task stops, and its
+    /// credentials are no longer published, so that whoever still holds it looks the key up
+    /// again and is answered what the cache answers now (a refusal included) rather than what
+    /// this entry last had.
+    fn retire(&self) {
+        self.stop.cancel();
+        self.published.store(None);
+    }
+}
+
 /// An entry held by whoever asks for its key often, and the key.
 pub struct Held {
     entry: Arc<Entry>,
@@ -123,7 +134,7 @@ impl<S: CredentialSource, C: Clock> Cache<S, C> {
     ) -> Self {
         let entries = moka::sync::Cache::builder()
             .max_capacity(MAX_ENTRIES)
-            .eviction_listener(|_key, entry: Arc<Entry>, _cause| entry.stop.cancel())
+            .eviction_listener(|_key, entry: Arc<Entry>, _cause| entry.retire())
             .build();
         Cache {
             inner: Arc::new(Inner {
@@ -154,8 +165,7 @@ impl<S: CredentialSource, C: Clock> Cache<S, C> {
     }
 
     /// As [`Cache::get`] for the held entry's key, without looking the key up. Should the
-    /// entry have been evicted meanwhile, its credentials are served while they are servable
-    /// (they are the key's), and then the key is looked up anew.
+    /// entry have been evicted meanwhile, the key is looked up anew.
     pub async fn get_held(&self, held: &Held) -> Result<Arc<Credentials>, Error> {
         if let Some(hit) = self.hit(&held.entry) {
             return Ok(hit);
@@ -339,6 +349,11 @@ impl<S: CredentialSource, C: Clock> Inner<S, C> {
                 state.due = now + margin - REFRESH_LEAD.min(margin / 10);
                 state.credentials = Some(fresh.clone());
                 entry.published.store(Some(fresh.clone()));
+                if entry.stop.is_cancelled() {
+                    // Evicted while STS answered: a holder must look the key up again, not
+                    // be served from here (see `Entry::retire`).
+                    entry.published.store(None);
+                }
                 state.refused = None;
                 state.failures = 0;
                 Ok(fresh)

@@ -328,3 +328,46 @@ async fn a_refresh_task_that_panics_is_replaced_not_lost() {
     cache.get(&key("web")).await.expect("credentials");
     assert_eq!(sts.calls(), 2, "served from the new entry");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_held_entry_is_served_what_the_key_is() {
+    let (cache, sts, _, _) = cache();
+    let held = cache.hold(&key("web"));
+    let first = cache.get_held(&held).await.expect("credentials");
+    assert_eq!(cache.get(&key("web")).await.expect("by key"), first);
+    // Past the refresh point the holder is served the refreshed credentials, as a lookup is.
+    tokio::time::sleep(31 * MINUTE).await;
+    assert_eq!(sts.calls(), 2, "refreshed ahead of expiry");
+    let refreshed = cache.get_held(&held).await.expect("credentials");
+    assert_ne!(refreshed.access_key_id, first.access_key_id);
+    assert_eq!(cache.get(&key("web")).await.expect("by key"), refreshed);
+    assert_eq!(sts.calls(), 2, "both were hits");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_entry_that_left_the_cache_serves_nothing_the_cache_would_not() {
+    let (cache, sts, clock, _) = cache();
+    let held = cache.hold(&key("web"));
+    let first = cache.get_held(&held).await.expect("credentials");
+    // Its refresh task panics at the refresh point (a bug), which drops the entry while its
+    // credentials are still good for a moment; then STS refuses the role (its trust policy
+    // changed). The holder must get the refusal, as a lookup by key does, not the old
+    // credentials.
+    sts.set(Mode::PanicOnce);
+    let due = first.expiration - 30 * MINUTE;
+    tokio::time::sleep(
+        due.duration_since(clock.now()).expect("ahead") - Duration::from_millis(900),
+    )
+    .await;
+    assert_eq!(sts.calls(), 2, "the refresh ran, and panicked");
+    assert!(cache.expiry(&key("web")).is_none(), "the entry was dropped");
+    sts.set(Mode::Refuse);
+    assert!(matches!(
+        cache.get_held(&held).await,
+        Err(Error::Refused { .. })
+    ));
+    assert!(matches!(
+        cache.get(&key("web")).await,
+        Err(Error::Refused { .. })
+    ));
+}
