@@ -28,6 +28,8 @@ use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 /// A handful of IPs and names, so reuse is the rule, not the exception.
 const IPS: u8 = 5;
 const NAMES: u8 = 4;
+/// The policies a namespace event may carry.
+const PERMITTED: [&str; 2] = [".*", "arn:aws:iam::123456789012:role/.*"];
 const SEED: [u8; 32] = *b"iamlet-churn-invariant-seed-0001";
 const CASES: u32 = 48;
 const STEPS: std::ops::Range<usize> = 200..400;
@@ -67,9 +69,11 @@ enum Action {
         order: u64,
         duplicates: u8,
     },
-    /// A namespace's policy changes (or the namespaces are relisted).
+    /// A namespace event, with one of two policies (the same as before, or not), or the
+    /// namespaces are relisted.
     Namespace {
         relist: bool,
+        permitted: usize,
     },
 }
 
@@ -83,7 +87,8 @@ fn action() -> impl Strategy<Value = Action> {
         8 => any::<u8>().prop_map(|pod| Action::Deliver { pod }),
         2 => any::<u8>().prop_map(|pod| Action::Duplicate { pod }),
         1 => (any::<u64>(), 0u8..3).prop_map(|(order, duplicates)| Action::Relist { order, duplicates }),
-        1 => proptest::bool::weighted(0.3).prop_map(|relist| Action::Namespace { relist }),
+        1 => (proptest::bool::weighted(0.3), 0..PERMITTED.len())
+            .prop_map(|(relist, permitted)| Action::Namespace { relist, permitted }),
     ]
 }
 
@@ -119,8 +124,10 @@ struct Memo {
 
 #[derive(Default)]
 struct Model {
-    /// Changes to namespaces so far.
+    /// Changes to namespaces' policies so far (a relist counts as one).
     namespaces: u64,
+    /// The namespace's policy now: an index into [`PERMITTED`].
+    permitted: Option<usize>,
     next_uid: usize,
     truth: BTreeMap<String, State>,
     queued: HashMap<String, VecDeque<Event>>,
@@ -254,11 +261,11 @@ impl Model {
                     self.deliver(index, event);
                 }
             }
-            Action::Namespace { relist } => {
+            Action::Namespace { relist, permitted } => {
                 let policy = || {
                     (
                         "churn".to_owned(),
-                        NamespacePolicy::from_annotation(Some(".*")),
+                        NamespacePolicy::from_annotation(Some(PERMITTED[permitted])),
                     )
                 };
                 if relist {
@@ -268,7 +275,12 @@ impl Model {
                 } else {
                     index.apply_namespace(Change::Apply(policy()));
                 }
-                self.namespaces += 1;
+                // An event that leaves the policy as it was (a label changed) need not
+                // forget what was decided; any other must.
+                if relist || self.permitted != Some(permitted) {
+                    self.namespaces += 1;
+                }
+                self.permitted = Some(permitted);
             }
             Action::Relist { order, duplicates } => {
                 let mut items: Vec<(String, State)> = self

@@ -247,13 +247,21 @@ impl PodIndex {
     pub fn apply_namespace(&self, change: Change<(String, NamespacePolicy)>) {
         {
             let mut state = self.write();
-            if matches!(
-                change,
-                Change::Apply(_) | Change::Delete(_) | Change::InitDone
-            ) {
+            // A namespace event that leaves its policy as it was (a label, its status) keeps
+            // what was decided under it.
+            let unchanged = match &change {
+                Change::Apply((name, policy)) => state
+                    .namespaces
+                    .get(name)
+                    .is_some_and(|known| known.same_as(policy)),
+                Change::Delete(_) | Change::InitDone => false,
+                Change::Init | Change::InitApply(_) => true,
+            };
+            if !unchanged {
                 state.namespaces_version += 1;
             }
             match change {
+                Change::Apply(_) if unchanged => {}
                 Change::Apply((name, policy)) => {
                     state.namespaces.insert(name, Arc::new(policy));
                 }
@@ -702,11 +710,20 @@ mod tests {
         assert_eq!(recalled(&index), None);
         remember_uid(&index);
 
-        // Any namespace change forgets it too (the pod's namespace policy may have changed).
-        index.apply_namespace(Change::Apply((
-            "shop".to_owned(),
-            NamespacePolicy::from_annotation(Some(".*")),
-        )));
+        // A change to any namespace's policy forgets it too (it may be the pod's namespace).
+        let permitting = |pattern: &str| {
+            Change::Apply((
+                "shop".to_owned(),
+                NamespacePolicy::from_annotation(Some(pattern)),
+            ))
+        };
+        index.apply_namespace(permitting(".*"));
+        assert_eq!(recalled(&index), None);
+        remember_uid(&index);
+        // An event that leaves the policy as it was (a label changed) does not.
+        index.apply_namespace(permitting(".*"));
+        assert_eq!(recalled(&index).as_deref(), Some("u1"));
+        index.apply_namespace(permitting("arn:.*"));
         assert_eq!(recalled(&index), None);
         remember_uid(&index);
 

@@ -89,6 +89,20 @@ impl NamespacePolicy {
         }
     }
 
+    /// Whether `self` and `other` decide alike: the same kind, from the same pattern.
+    pub fn same_as(&self, other: &NamespacePolicy) -> bool {
+        match (self, other) {
+            (NamespacePolicy::Unannotated, NamespacePolicy::Unannotated)
+            | (NamespacePolicy::Unrestricted, NamespacePolicy::Unrestricted) => true,
+            (NamespacePolicy::Permits(a), NamespacePolicy::Permits(b)) => a.as_str() == b.as_str(),
+            (
+                NamespacePolicy::Invalid { pattern: a, .. },
+                NamespacePolicy::Invalid { pattern: b, .. },
+            ) => a == b,
+            _ => false,
+        }
+    }
+
     /// Whether pods in `namespace` may have `role`. `allow_unannotated` relaxes kiam's rule
     /// that a namespace without the annotation permits nothing.
     pub fn decide(
