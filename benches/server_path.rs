@@ -20,7 +20,8 @@
 //! median over the rounds and each ratio the median of the ratios within a round (see
 //! benches/latency/mod.rs). Latency by percentile is drawn to `docs/bench/server_path.svg`.
 //!
-//! Run: `cargo bench --bench server_path` (needs moto from `bash .ci/setup`; about 2 minutes).
+//! Run: `cargo bench --bench server_path` (needs moto from `bash .ci/setup`; about 2 minutes);
+//! `cargo bench --bench server_path -- rpc` runs (A) alone.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -163,6 +164,8 @@ fn main() {
         serve_floor(&args[at + 1..]);
         return;
     }
+    // `cargo bench --bench server_path -- rpc` runs (A) alone, and draws nothing.
+    let rpc_only = args[1..].iter().any(|a| a == "rpc");
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let pod_ip: IpAddr = POD_IP.parse().expect("ip");
@@ -264,6 +267,9 @@ fn main() {
                 rpc_runs[i][t].push(run);
             }
         }
+        if rpc_only {
+            continue;
+        }
         for (t, target) in agent_targets.iter().enumerate() {
             let run = runtime.block_on(agent_load(pod_ip, target));
             agent_runs[t].push(run);
@@ -291,6 +297,9 @@ fn main() {
         .zip(&agent_runs)
         .map(|(target, runs)| (target.name, runs.as_slice()))
         .collect();
+    if rpc_only {
+        return;
+    }
     println!("\n{}\n", AGENT_TITLE);
     print!("{}", latency::table("req/s", &rows));
 
