@@ -59,7 +59,7 @@ const CONNECTIONS: usize = 4;
 const WORKERS: usize = 16;
 const WARM_UP: Duration = Duration::from_millis(500);
 const MEASURE: Duration = Duration::from_secs(2);
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 9;
 const WITHIN: Duration = Duration::from_secs(30);
 const POD_IP: &str = "127.0.0.2";
 const ROLE: &str = "web";
@@ -156,6 +156,8 @@ struct AgentTarget {
     name: &'static str,
     addr: SocketAddr,
     pid: u32,
+    /// The process that answers its calls (iamlet server, for the server-backed agent).
+    backing: Option<u32>,
 }
 
 fn main() {
@@ -251,15 +253,19 @@ fn main() {
             name: "agent, standalone",
             addr: standalone.imds,
             pid: standalone.pid() as u32,
+            backing: None,
         },
         AgentTarget {
             name: "agent, server-backed",
             addr: backed.imds,
             pid: backed.pid() as u32,
+            backing: Some(server.pid() as u32),
         },
     ];
     let mut rpc_runs = vec![vec![Vec::new(); rpc_targets.len()]; IN_FLIGHT.len()];
     let mut agent_runs = vec![Vec::new(); agent_targets.len()];
+    // iamlet server's CPU per hit at the server-backed agent, µs, one figure per round.
+    let mut backing_cpu = Vec::new();
     for _ in 0..ROUNDS {
         for (i, in_flight) in IN_FLIGHT.iter().enumerate() {
             for (t, target) in rpc_targets.iter().enumerate() {
@@ -271,7 +277,10 @@ fn main() {
             continue;
         }
         for (t, target) in agent_targets.iter().enumerate() {
-            let run = runtime.block_on(agent_load(pod_ip, target));
+            let (run, backing) = runtime.block_on(agent_load(pod_ip, target));
+            if let Some(backing) = backing {
+                backing_cpu.push(backing.as_secs_f64() * 1e6 / run.latencies.len().max(1) as f64);
+            }
             agent_runs[t].push(run);
         }
     }
@@ -302,6 +311,12 @@ fn main() {
     }
     println!("\n{}\n", AGENT_TITLE);
     print!("{}", latency::table("req/s", &rows));
+    backing_cpu.sort_by(f64::total_cmp);
+    println!(
+        "\n(the first row is the baseline; CPU is the agent's own.) Each server-backed hit also \
+         cost iamlet server {:.1} µs of CPU (median over the rounds).",
+        backing_cpu[backing_cpu.len() / 2]
+    );
 
     let counts = runtime.block_on(count_rpcs(&kube, &pki, &server, &backed));
     println!("\n(C) RPCs answered by iamlet server (iamlet_server_calls_total, every code)\n");
@@ -415,9 +430,19 @@ async fn rpc_load(pki: &Pki, target: &RpcTarget, in_flight: usize) -> Run {
     latency::drive(window, target.pid, workers).await
 }
 
-/// One run of credential GETs with keep-alive at `target` from `WORKERS` clients at `from`.
-async fn agent_load(from: IpAddr, target: &AgentTarget) -> Run {
+/// One run of credential GETs with keep-alive at `target` from `WORKERS` clients at `from`,
+/// and the CPU time the process behind it (if any) spent over the same window.
+async fn agent_load(from: IpAddr, target: &AgentTarget) -> (Run, Option<Duration>) {
     let window = Window::new(WARM_UP, MEASURE);
+    let measure_from = tokio::time::Instant::now() + WARM_UP;
+    let backing = target.backing.map(|pid| {
+        tokio::spawn(async move {
+            tokio::time::sleep_until(measure_from).await;
+            let before = latency::cpu_time(pid);
+            tokio::time::sleep_until(measure_from + MEASURE).await;
+            latency::cpu_time(pid).saturating_sub(before)
+        })
+    });
     let to = target.addr;
     let workers = (0..WORKERS).map(|_| async move {
         let mut latencies = Vec::new();
@@ -429,7 +454,12 @@ async fn agent_load(from: IpAddr, target: &AgentTarget) -> Run {
         }
         latencies
     });
-    latency::drive(window, target.pid, workers).await
+    let run = latency::drive(window, target.pid, workers).await;
+    let backing = match backing {
+        Some(task) => Some(task.await.expect("CPU sampler")),
+        None => None,
+    };
+    (run, backing)
 }
 
 /// An HTTP/1.1 connection from `from` to `to`, driven in the background.
