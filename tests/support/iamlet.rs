@@ -149,13 +149,23 @@ impl Iamlet {
     /// Starts `iamlet server` with the config file `config` and `env`, logging JSON at debug
     /// to `log`.
     pub fn start_server(config: &Path, log: &Path, env: &[(String, String)]) -> Iamlet {
+        Self::start_server_logging(config, log, "debug", env)
+    }
+
+    /// As [`Iamlet::start_server`], logging at `level` (benchmarks: `info`, no line per call).
+    pub fn start_server_logging(
+        config: &Path,
+        log: &Path,
+        level: &str,
+        env: &[(String, String)],
+    ) -> Iamlet {
         Self::launch(
             "server",
             None,
             None,
             config,
             log,
-            &["--log-level", "debug"],
+            &["--log-level", level],
             env,
         )
     }

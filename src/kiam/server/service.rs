@@ -47,20 +47,23 @@ impl<P: PodLookup, S: CredentialSource, C: Clock> Service<P, S, C> {
 
     async fn pod_credentials(&self, ip: &str, requested: &str) -> Result<Credentials, Status> {
         let broker = &self.broker;
-        let pod = broker.pod(parse_ip(ip)?).await.map_err(status)?;
-        let role_arn = broker.role_of(&pod).map_err(status)?;
+        // Decided once per pod and policy change, as for the agent's pods: a warm call
+        // matches no regex and hashes no cache key.
+        let entitled = broker.entitlement(parse_ip(ip)?).await.map_err(status)?;
+        let role_arn = entitled.role_arn();
         // As kiam's RequestingAnnotatedRolePolicy: the role asked for must be the pod's own,
         // compared as ARNs ("web" and "arn:…:role/web" are one role).
-        if broker.resolve(requested).ok().as_ref() != Some(&role_arn) {
+        if broker.resolve(requested).ok().as_ref() != Some(role_arn) {
             let denial = Denial::NotItsRole {
                 requested: requested.to_owned(),
             };
-            return Err(status(broker.deny(&pod, role_arn.as_str(), denial)));
+            return Err(status(broker.deny(
+                entitled.pod(),
+                role_arn.as_str(),
+                denial,
+            )));
         }
-        let credentials = broker
-            .credentials_for(&pod, role_arn)
-            .await
-            .map_err(status)?;
+        let credentials = broker.serve(&entitled).await.map_err(status)?;
         Ok(Credentials {
             code: "Success".to_owned(),
             r#type: "AWS-HMAC".to_owned(),
