@@ -118,7 +118,7 @@ impl Config {
                 Some((key, value))
             })
             .collect();
-        figment = figment.merge(Layer::new("IAMLET_* environment variables", env));
+        figment = figment.merge(Layer::new(ENV_LAYER, env));
         let flags = overrides
             .into_iter()
             .map(|(key, value)| (key.to_owned(), value))
@@ -450,6 +450,8 @@ fn check_taint_key(key: &str) -> Result<(), String> {
 }
 
 const ENV_PREFIX: &str = "IAMLET_";
+/// The name of the environment's layer, as errors from it say.
+const ENV_LAYER: &str = "IAMLET_* environment variables";
 
 /// A layer of (dotted key, value) settings with a name that errors can point to.
 struct Layer {
@@ -511,6 +513,11 @@ fn from_figment(err: figment::Error) -> ConfigError {
         .metadata
         .as_ref()
         .map(|meta| match &meta.source {
+            // The variable itself, as the operator wrote it (keys are its lowercased name).
+            _ if meta.name == ENV_LAYER && !err.path.is_empty() => format!(
+                " (from the environment variable {ENV_PREFIX}{})",
+                err.path.join("__").to_uppercase()
+            ),
             Some(source) => format!(" (from {} {source})", meta.name),
             None => format!(" (from {})", meta.name),
         })
@@ -604,6 +611,21 @@ mod tests {
             Duration::from_secs(7200)
         );
         assert_eq!(config.imds.max_connections, 10);
+    }
+
+    #[test]
+    fn errors_from_the_environment_name_the_variable() {
+        for (name, value) in [
+            ("IAMLET_IMDS__TOKNES", "required"),
+            ("IAMLET_IMDS__TOKENS", "sometimes"),
+        ] {
+            let err = load("", &[(name, value)], Vec::new()).expect_err("invalid");
+            assert!(
+                err.to_string()
+                    .contains(&format!("environment variable {name}")),
+                "{err}"
+            );
+        }
     }
 
     fn key_of(result: Result<Config, ConfigError>) -> String {
