@@ -149,7 +149,8 @@ where
         method = %request.method(),
         status,
         code = outcome.code,
-        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        // Whole microseconds in milliseconds: "0.147", not "0.14742100000000002".
+        duration_ms = elapsed.as_micros() as f64 / 1000.0,
         "container credentials request"
     );
     outcome.response

@@ -193,7 +193,8 @@ pub async fn handle<B: Broker>(
         method = %request.method(),
         path,
         status,
-        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        // Whole microseconds in milliseconds: "0.147", not "0.14742100000000002".
+        duration_ms = elapsed.as_micros() as f64 / 1000.0,
         "imds request"
     );
     outcome.response
