@@ -181,7 +181,11 @@ async fn a_cold_miss_during_an_outage_is_a_clear_503_and_recovers() {
     for (i, (name, fault)) in faults.iter().enumerate() {
         let from = ip(&format!("127.0.0.{}", i + 2));
         let role = format!("cold-{name}");
-        sts.set_fault(Some(*fault));
+        // A refusal is for one role: the front refuses every role named `…denied…`. Put on
+        // all of STS, it would also refuse the background retries of the other pods' roles,
+        // and iamlet would rightly keep those refusals (until pods or policy change).
+        let global = (*fault != Fault::AccessDenied).then_some(*fault);
+        sts.set_fault(global);
         let reply = get(from, iamlet.imds, &format!("{CREDS}{role}"), None).await;
         assert!(
             !reply.body.contains("SecretAccessKey") || *fault == Fault::Slow,

@@ -366,7 +366,8 @@ fn broker_error(pod: &BoundPod, err: broker::Error, refused: impl Fn(&'static st
             ref message,
         }) => {
             refused("sts_refused");
-            tracing::warn!(pod = %pod.key(), role, message, "STS refused AssumeRole");
+            // Logged at `warn` by the cache when STS said so.
+            tracing::debug!(pod = %pod.key(), role, message, "STS refusal served");
             Outcome::error(
                 S::FORBIDDEN,
                 "AssumeRoleUnauthorizedAccess",

@@ -359,6 +359,9 @@ impl<S: CredentialSource, C: Clock> Inner<S, C> {
                 Ok(fresh)
             }
             Err(refusal @ Error::Refused { .. }) => {
+                // Logged here, once per answer from STS: the requests it is then served to
+                // (an SDK retrying, say) log it at `debug` only.
+                tracing::warn!(error = %refusal, "STS refused AssumeRole");
                 // Authoritative: the old credentials are not served any more either.
                 state.credentials = None;
                 entry.published.store(None);
@@ -471,8 +474,12 @@ async fn refresh<S: CredentialSource, C: Clock>(
             Err(Error::Unavailable { .. }) => "unavailable",
         };
         inner.metrics.observe_refresh(outcome);
-        if let Err(err) = inner.store(&entry, &mut state, fetched) {
-            tracing::warn!(error = %err, failures = state.failures, "background credential refresh failed");
+        match inner.store(&entry, &mut state, fetched) {
+            // Logged by `store`.
+            Ok(_) | Err(Error::Refused { .. }) => {}
+            Err(err) => {
+                tracing::warn!(error = %err, failures = state.failures, "background credential refresh failed");
+            }
         }
         delay = inner.until_due(&state);
     }

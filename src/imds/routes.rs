@@ -425,7 +425,8 @@ fn broker_error(err: broker::Error, now: SystemTime) -> Outcome {
                 .for_pod(pod.clone())
         }
         Error::Credentials(ref source @ credentials::Error::Refused { ref message, .. }) => {
-            tracing::warn!(error = %source, "STS refused AssumeRole");
+            // Logged at `warn` by the cache when STS said so; this is one request served it.
+            tracing::debug!(error = %source, "STS refusal served");
             Outcome::text(StatusCode::OK, document::unauthorized(message, now))
         }
         Error::Stale { .. } => {

@@ -106,7 +106,8 @@ fn status(err: Error) -> Status {
             Status::unknown(FORBIDDEN)
         }
         Error::Credentials(credentials::Error::Refused { .. }) => {
-            tracing::warn!(error = %err, "STS refused AssumeRole");
+            // Logged at `warn` by the cache when STS said so.
+            tracing::debug!(error = %err, "STS refusal served");
             Status::permission_denied(err.to_string())
         }
         Error::Stale { .. } => {
