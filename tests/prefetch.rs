@@ -243,11 +243,9 @@ async fn access_denied_is_not_asked_again() {
     }
     assert_eq!(sts.assume_role_calls("denied-role"), 1);
     // An SDK retrying a refused role does not flood the log: one warning per answer from STS.
-    eventually(
-        "the refusal is logged",
-        Duration::from_secs(10),
-        || async { iamlet.log().contains("STS refused AssumeRole") },
-    )
+    eventually("the refusal is logged", Duration::from_secs(10), || async {
+        iamlet.log().contains("STS refused AssumeRole")
+    })
     .await;
     assert_eq!(iamlet.log().matches("STS refused AssumeRole").count(), 1);
 }
