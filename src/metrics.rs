@@ -471,6 +471,16 @@ impl Metrics {
     }
 }
 
+/// The value of one series (`name{labels}`, exactly as exposed) in `exposition` (what
+/// [`Metrics::encode`] writes and `/metrics` serves), 0 if it is absent: for tests and tools
+/// that read the metrics back.
+pub fn value_in(exposition: &str, series: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -137,11 +137,7 @@ fn admin_get(node: &Node, admin: SocketAddr, path: &'static str) -> support::htt
 
 /// The value of a metric line (`name{labels}`), 0 if absent.
 fn metric(node: &Node, admin: SocketAddr, series: &str) -> f64 {
-    admin_get(node, admin, "/metrics")
-        .body
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
+    iamlet::metrics::value_in(&admin_get(node, admin, "/metrics").body, series)
 }
 
 /// One SDK's results: each case and what its run printed (the caller ARN, or the error).

@@ -174,11 +174,7 @@ fn busiest_second(times: &[Instant]) -> usize {
 }
 
 fn metric(metrics: &Metrics, series: &str) -> f64 {
-    metrics
-        .encode()
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
+    iamlet::metrics::value_in(&metrics.encode(), series)
 }
 
 #[tokio::test(start_paused = true)]

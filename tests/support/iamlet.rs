@@ -371,11 +371,7 @@ impl Iamlet {
     pub async fn metric(&self, series: &str) -> f64 {
         let reply = super::http::get(self.admin.ip(), self.admin, "/metrics", None).await;
         assert_eq!(reply.status, 200);
-        reply
-            .body
-            .lines()
-            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-            .unwrap_or(0.0)
+        iamlet::metrics::value_in(&reply.body, series)
     }
 }
 

@@ -112,11 +112,7 @@ fn wanted(keys: &[AssumeRoleRequest]) -> HashSet<AssumeRoleRequest> {
 }
 
 fn metric(metrics: &Metrics, series: &str) -> f64 {
-    metrics
-        .encode()
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
+    crate::metrics::value_in(&metrics.encode(), series)
 }
 
 #[tokio::test(start_paused = true)]
