@@ -28,9 +28,7 @@ mod support;
 
 mod latency;
 
-use std::io::Read as _;
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -38,7 +36,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::Request;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use latency::{Curve, Panel, Run, Window};
+use latency::{Curve, Floor, Panel, Run, Window};
 use support::iamlet::{Iamlet, Setup, pod};
 use tokio::net::TcpStream;
 
@@ -147,13 +145,21 @@ fn main() {
     // The floor answers with bodies of the sizes iamlet answers with.
     let document = runtime.block_on(support::http::get(pod_ip, optional.imds, CREDENTIALS, None));
     assert_eq!(document.status, 200, "{document:?}");
-    let floor = Floor::start(document.body.len(), token.len(), "web");
+    let (document_bytes, token_bytes) = (document.body.len().to_string(), token.len().to_string());
+    let floor = Floor::start(
+        FLOOR_FLAG,
+        &[
+            document_bytes.as_ref(),
+            token_bytes.as_ref(),
+            "web".as_ref(),
+        ],
+    );
 
     let targets = [
         Target {
             name: "floor: bare hyper",
             addr: floor.addr,
-            pid: floor.child.id(),
+            pid: floor.pid(),
             token: Some(token.clone()),
         },
         Target {
@@ -342,36 +348,6 @@ async fn sdk_sequence(sender: &mut SendRequest<Empty<Bytes>>) {
     get(sender, &path, Some(token)).await;
 }
 
-/// The floor's process; it ends when dropped, and on its own when this process goes (its
-/// stdin closes).
-struct Floor {
-    addr: SocketAddr,
-    child: Child,
-}
-
-impl Floor {
-    fn start(document_bytes: usize, token_bytes: usize, role: &str) -> Floor {
-        let port = support::free_port();
-        let child = Command::new(std::env::current_exe().expect("self"))
-            .args([FLOOR_FLAG, &port.to_string()])
-            .args([document_bytes.to_string(), token_bytes.to_string()])
-            .arg(role)
-            .stdin(Stdio::piped())
-            .spawn()
-            .expect("floor server");
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        assert!(support::wait_for_port(addr, Duration::from_secs(10)));
-        Floor { addr, child }
-    }
-}
-
-impl Drop for Floor {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The floor: hyper's HTTP/1.1 server on a multi-threaded runtime, answering each route with a
 /// fixed body of the size iamlet answers it with, and the headers iamlet sends.
 fn serve_floor(args: &[String]) {
@@ -379,11 +355,7 @@ fn serve_floor(args: &[String]) {
     let [port, document_bytes, token_bytes, role] = args else {
         panic!("{FLOOR_FLAG} PORT DOCUMENT_BYTES TOKEN_BYTES ROLE");
     };
-    std::thread::spawn(|| {
-        // The benchmark is gone once stdin closes.
-        let _ = std::io::stdin().read_to_end(&mut Vec::new());
-        std::process::exit(0);
-    });
+    latency::exit_with_benchmark();
     let size = |text: &str| text.parse::<usize>().expect("a size");
     let document = Bytes::from(format!(
         "{{\"Code\":\"Success\",\"Pad\":\"{}\"}}",

@@ -28,10 +28,8 @@ mod support;
 
 mod latency;
 
-use std::io::Read as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -44,7 +42,7 @@ use iamlet::kiam::proto::kiam_service_server::{KiamService, KiamServiceServer};
 use iamlet::kiam::proto::{
     Credentials, GetHealthRequest, GetPodCredentialsRequest, GetPodRoleRequest, HealthStatus, Role,
 };
-use latency::{Curve, Panel, Run, Window};
+use latency::{Curve, Floor, Panel, Run, Window};
 use prost::Message as _;
 use support::fake_kube::{FakeKube, namespace, pod};
 use support::iamlet::{Iamlet, Setup};
@@ -199,7 +197,7 @@ fn main() {
     });
     assert_eq!(answer.code, "Success", "{answer:?}");
     std::fs::write(pki.path(FLOOR_MESSAGE), answer.encode_to_vec()).expect("message");
-    let floor = Floor::start(pki.dir.path());
+    let floor = Floor::start(FLOOR_FLAG, &[pki.dir.path().as_os_str()]);
 
     let agent_dirs: Vec<_> = (0..2)
         .map(|_| tempfile::tempdir().expect("tempdir"))
@@ -240,7 +238,7 @@ fn main() {
         RpcTarget {
             name: "floor: bare tonic, fixed answer",
             addr: floor.addr,
-            pid: floor.child.id(),
+            pid: floor.pid(),
         },
         RpcTarget {
             name: "iamlet server",
@@ -600,36 +598,6 @@ async fn count_rpcs(kube: &FakeKube, pki: &Pki, server: &Iamlet, agent: &Iamlet)
     counts
 }
 
-/// The floor's process; it ends when dropped, and on its own when this process goes (its
-/// stdin closes).
-struct Floor {
-    addr: SocketAddr,
-    child: Child,
-}
-
-impl Floor {
-    /// Serves with the certificates and message in `dir`.
-    fn start(dir: &Path) -> Floor {
-        let port = support::free_port();
-        let child = Command::new(std::env::current_exe().expect("self"))
-            .args([FLOOR_FLAG, &port.to_string()])
-            .arg(dir)
-            .stdin(Stdio::piped())
-            .spawn()
-            .expect("floor server");
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        assert!(support::wait_for_port(addr, Duration::from_secs(10)));
-        Floor { addr, child }
-    }
-}
-
-impl Drop for Floor {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The floor's service: fixed answers, nothing looked up.
 struct FloorService {
     credentials: Credentials,
@@ -668,11 +636,7 @@ fn serve_floor(args: &[String]) {
     let [port, dir] = args else {
         panic!("{FLOOR_FLAG} PORT DIR");
     };
-    std::thread::spawn(|| {
-        // The benchmark is gone once stdin closes.
-        let _ = std::io::stdin().read_to_end(&mut Vec::new());
-        std::process::exit(0);
-    });
+    latency::exit_with_benchmark();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = Path::new(dir);
     let read = |name: &str| std::fs::read(dir.join(name)).expect("floor file");

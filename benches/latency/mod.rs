@@ -1,13 +1,59 @@
-//! What the load benchmarks share: a measuring window, runs (throughput and every latency),
-//! the median of interleaved rounds, the machine they ran on, and the picture of latency by
-//! percentile, drawn as SVG.
+//! What the load benchmarks share: the floor's process, a measuring window, runs (throughput
+//! and every latency), the median of interleaved rounds, the machine they ran on, and the
+//! picture of latency by percentile, drawn as SVG.
 #![allow(dead_code)] // Each benchmark uses a different part.
 
 use std::future::Future;
+use std::io::Read as _;
+use std::net::SocketAddr;
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use plotters::prelude::*;
+
+/// A floor server: the benchmark's own binary run again with `flag` and its arguments, in a
+/// process of its own like the server it is compared with. It ends when dropped, and on its own
+/// when the benchmark goes (see [`exit_with_benchmark`]).
+pub struct Floor {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl Floor {
+    /// Starts the floor on a free loopback port, passed as the first argument after `flag`.
+    pub fn start(flag: &str, args: &[&std::ffi::OsStr]) -> Floor {
+        let port = crate::support::free_port();
+        let child = Command::new(std::env::current_exe().expect("self"))
+            .args([flag, &port.to_string()])
+            .args(args)
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("floor server");
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        assert!(crate::support::wait_for_port(addr, Duration::from_secs(10)));
+        Floor { addr, child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Floor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// In a floor's process: exits once the benchmark that started it is gone (its stdin closes).
+pub fn exit_with_benchmark() {
+    std::thread::spawn(|| {
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        std::process::exit(0);
+    });
+}
 
 /// When a run warms up, measures, and stops.
 #[derive(Debug, Clone, Copy)]

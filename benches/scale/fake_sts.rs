@@ -4,7 +4,6 @@
 //! call takes the delay and little else. Each call is recorded: role, session name, when it
 //! arrived, when its answer was sent, and the access key id it issued.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -49,7 +48,7 @@ impl FakeSts {
                         .await
                         .map(|b| b.to_bytes())
                         .unwrap_or_default();
-                    let form = form(&body);
+                    let form = support::sts_front::url_decode_form(&body);
                     if form.get("Action").map(String::as_str) != Some("AssumeRole") {
                         return reply(400, "<ErrorResponse><Error><Code>InvalidAction</Code></Error></ErrorResponse>".into());
                     }
@@ -120,39 +119,4 @@ fn answer(role_arn: &str, session_name: &str, access_key_id: &str, seconds: u64)
         // A session token is long (about 1 KB for a role session); iamlet keeps it per identity.
         "FQoGZXIvYXdzEFAKE".repeat(48),
     )
-}
-
-/// `application/x-www-form-urlencoded` → map (the AWS query protocol STS speaks).
-fn form(body: &[u8]) -> HashMap<String, String> {
-    String::from_utf8_lossy(body)
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .map(|(k, v)| (decode(k), decode(v)))
-        .collect()
-}
-
-fn decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(
-                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or(""),
-                    16,
-                ) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }

@@ -232,7 +232,7 @@ fn issued_key(body: &[u8]) -> Option<String> {
 }
 
 /// `application/x-www-form-urlencoded` → map (the AWS query protocol STS speaks).
-fn url_decode_form(body: &[u8]) -> HashMap<String, String> {
+pub fn url_decode_form(body: &[u8]) -> HashMap<String, String> {
     String::from_utf8_lossy(body)
         .split('&')
         .filter_map(|pair| pair.split_once('='))
